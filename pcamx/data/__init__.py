@@ -1,0 +1,1 @@
+"""PCam data: the official HDF5 layout, loaders, download, synthetic stand-in and device transforms."""

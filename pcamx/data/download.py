@@ -1,0 +1,243 @@
+"""Fetch the official PCam `.h5.gz` files (Zenodo record 2546921), verify md5 and gunzip them.
+
+`python -m pcamx.data.download --root data/pcam`
+
+Downloads go to `<name>.h5.gz.part` and resume with an HTTP Range request when re-run; only a file
+whose md5 matches becomes `<name>.h5.gz`, and the `.h5` appears through an atomic rename, so an
+interrupted run never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pcamx.data.layout import SPLITS, X_KEY, Y_KEY, all_file_names, file_name
+
+ZENODO_URL = "https://zenodo.org/records/2546921/files"
+
+# md5 of each official `.h5.gz` archive (not of the extracted `.h5`). The table in the
+# basveeling/pcam README swaps valid and test; these are the values measured on the downloaded
+# files in basveeling/pcam issues #1 and #4 (the author confirmed the README was wrong) and the
+# ones torchvision's `datasets/pcam.py` uses since pytorch/vision#6644.
+PCAM_MD5: dict[str, str] = {
+    "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
+    "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
+    "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
+    "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
+    "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
+    "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
+}
+
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or extracted; re-running resumes where it stopped."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded archive does not have the published md5."""
+
+
+def download_pcam(
+    root: str | os.PathLike[str],
+    base_url: str = ZENODO_URL,
+    files: Iterable[str] | None = None,
+    md5s: Mapping[str, str] | None = None,
+    progress: bool = True,
+    keep_gz: bool = False,
+) -> list[Path]:
+    """Make `root/<name>` exist for each `.h5` name in `files` (default: all six); returns those paths.
+
+    `md5s` maps `<name>.gz` to its md5 (default `PCAM_MD5`). Raises `DownloadError` on network or
+    extraction failure and `ChecksumError` when an archive does not match.
+    """
+    root = Path(root)
+    names = list(all_file_names() if files is None else files)
+    # Read the module table at call time so a test can swap it for its own served files.
+    md5s = PCAM_MD5 if md5s is None else md5s
+    missing = [f"{n}.gz" for n in names if f"{n}.gz" not in md5s]
+    if missing:
+        # Refuse before downloading gigabytes that could never be verified.
+        raise ValueError(f"no md5 known for {', '.join(missing)}")
+    root.mkdir(parents=True, exist_ok=True)
+    base_url = base_url.rstrip("/")
+
+    done: list[Path] = []
+    for name in names:
+        final = root / name
+        if final.exists():
+            tqdm.write(f"{final} already exists, skipping")
+            done.append(final)
+            continue
+        gz_name = f"{name}.gz"
+        expected = md5s[gz_name].lower()
+        gz = root / gz_name
+        if gz.exists() and _md5(gz, progress) != expected:
+            # A stray archive (copied in by hand, or from another source) is not trusted.
+            tqdm.write(f"{gz} does not match md5 {expected}; downloading it again")
+            gz.unlink()
+        if not gz.exists():
+            part = root / f"{gz_name}.part"
+            _fetch(f"{base_url}/{gz_name}?download=1", part, progress)
+            actual = _md5(part, progress)
+            if actual != expected:
+                # A corrupt prefix would poison every later resume, so start over next time.
+                part.unlink()
+                raise ChecksumError(
+                    f"md5 mismatch for {gz_name}: expected {expected}, got {actual}; "
+                    "the download was deleted, re-run to fetch it again"
+                )
+            os.replace(part, gz)
+        _gunzip(gz, final, progress)
+        if not keep_gz:
+            gz.unlink()
+        done.append(final)
+    return done
+
+
+def _fetch(url: str, part: Path, progress: bool) -> None:
+    """Download `url` into `part`, continuing from its current size when the server allows it."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "pcamx-download"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    hint = f"re-running resumes from {part.name}"
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+            total = None
+            if offset and response.status == 206:
+                match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+                if match is None or int(match.group(1)) != offset:
+                    raise DownloadError(
+                        f"{url} answered a resume with an unexpected Content-Range; delete {part} and re-run"
+                    )
+                if match.group(2) != "*":
+                    total = int(match.group(2))
+                mode = "ab"
+            else:
+                # The server ignored the Range header and sends the whole file: start over.
+                offset, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            if total is None and length is not None:
+                total = offset + int(length)
+            with (
+                open(part, mode) as out,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name.removesuffix(".part"),
+                    disable=None if progress else True,
+                ) as bar,
+            ):
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            # Nothing left to send: the part is already complete; the md5 check decides.
+            return
+        raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}; {hint}") from e
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise DownloadError(f"could not download {url}: {reason}; {hint}") from e
+    size = part.stat().st_size
+    if total is not None and size < total:
+        # A dropped connection can look like a clean end of stream; keep the bytes for the resume.
+        raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; {hint}")
+
+
+def _md5(path: Path, progress: bool) -> str:
+    digest = hashlib.md5()
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"md5 {path.name}",
+            disable=None if progress else True,
+        ) as bar,
+    ):
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _gunzip(src: Path, dst: Path, progress: bool) -> None:
+    """Extract `src` to `dst` through a temp file in the same directory, so the rename is atomic."""
+    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            open(src, "rb") as raw,
+            gzip.GzipFile(fileobj=raw) as inp,
+            tqdm(
+                total=src.stat().st_size,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"gunzip {src.name}",
+                disable=None if progress else True,
+            ) as bar,
+        ):
+            while chunk := inp.read(_CHUNK):
+                out.write(chunk)
+                # Count compressed bytes consumed: the uncompressed size is not known up front.
+                bar.update(raw.tell() - bar.n)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except (OSError, EOFError, zlib.error) as e:
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(f"could not extract {src} to {dst}: {e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pcamx.data.download",
+        description="Download the official PCam .h5.gz files, verify md5 and gunzip them (resumable).",
+    )
+    parser.add_argument("--root", type=Path, default=Path("data/pcam"), help="target directory")
+    parser.add_argument("--base-url", default=ZENODO_URL, help="where the .h5.gz files live")
+    parser.add_argument("--keep-gz", action="store_true", help="keep the verified .h5.gz archives")
+    parser.add_argument(
+        "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to fetch (default: all)"
+    )
+    args = parser.parse_args(argv)
+    names = [file_name(split, kind) for split in args.splits for kind in (X_KEY, Y_KEY)]
+    try:
+        paths = download_pcam(args.root, base_url=args.base_url, files=names, keep_gz=args.keep_gz)
+    except DownloadError as e:
+        sys.exit(f"error: {e}")
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

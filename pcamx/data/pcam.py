@@ -1,0 +1,188 @@
+"""PCam splits from the official HDF5 files, as uint8 tensors that stay uint8 until they reach the device.
+
+Two modes share one batch interface:
+* in memory (default): a split is read once with contiguous `read_direct` slabs into a preallocated
+  uint8 array (the official files are gzip-chunked; per-sample reads decompress a chunk per image);
+* streaming (`data.in_memory=false`): shuffled contiguous slabs are read on demand, for machines
+  without ~8 GB to spare for the training split.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, X_KEY, Y_KEY, file_name
+
+DOWNLOAD_HINT = "python -m pcamx.data.download --root {root}"
+# Rows per contiguous read: large enough to amortize chunk decompression, small enough to bound RAM.
+SLAB_ROWS = 4096
+
+
+class PCamDataError(RuntimeError):
+    """A PCam file is missing or does not have the official layout."""
+
+
+def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    root = Path(root)
+    return root / file_name(split, X_KEY), root / file_name(split, Y_KEY)
+
+
+def _check_dataset(path: Path, ds: h5py.Dataset, tail: tuple[int, ...], what: str) -> None:
+    if ds.dtype != np.uint8 or ds.ndim != 1 + len(tail) or tuple(ds.shape[1:]) != tail:
+        raise PCamDataError(
+            f"{path}: dataset '{ds.name.lstrip('/')}' has shape {ds.shape} and dtype {ds.dtype}; the official "
+            f"PCam layout is (N, {', '.join(map(str, tail))}) uint8 ({what})."
+        )
+
+
+def _open(path: Path, key: str, root: Path) -> h5py.File:
+    if not path.is_file():
+        raise PCamDataError(
+            f"missing PCam file {path}. Fetch the official files with:\n  "
+            + DOWNLOAD_HINT.format(root=root)
+            + "\nor run on generated stand-in data with data=synthetic."
+        )
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise PCamDataError(f"{path} is not a readable HDF5 file ({err}); delete it and download again.") from err
+    if key not in f:
+        f.close()
+        raise PCamDataError(f"{path} has no dataset '{key}' (found {list(f.keys())}); the official layout has '{key}'.")
+    return f
+
+
+@dataclass
+class SplitFiles:
+    """Validated handles of one split's x/y files; `n` rows are used (after `limit`)."""
+
+    x_path: Path
+    y_path: Path
+    n: int
+
+    @classmethod
+    def open(cls, root: str | Path, split: str, limit: int = 0) -> SplitFiles:
+        root = Path(root)
+        x_path, y_path = split_paths(root, split)
+        with _open(x_path, X_KEY, root) as fx, _open(y_path, Y_KEY, root) as fy:
+            _check_dataset(x_path, fx[X_KEY], IMAGE_SHAPE, "96x96 RGB patches")
+            _check_dataset(y_path, fy[Y_KEY], LABEL_SHAPE, "one 0/1 label per patch")
+            n_x, n_y = fx[X_KEY].shape[0], fy[Y_KEY].shape[0]
+        if n_x != n_y:
+            raise PCamDataError(f"{x_path} holds {n_x} images but {y_path} holds {n_y} labels; they must agree.")
+        n = n_x
+        if limit and limit > n:
+            warnings.warn(f"data limit {limit} exceeds the {split} split's {n} patches; using all {n}", stacklevel=2)
+        elif limit:
+            n = limit
+        return cls(x_path, y_path, n)
+
+    def read_labels(self) -> np.ndarray:
+        # Read the (N,1,1,1) array at once and squeeze: NumPy 2 refuses int() on a (1,1,1) element.
+        with h5py.File(self.y_path, "r") as f:
+            labels = np.empty((self.n, *LABEL_SHAPE), dtype=np.uint8)
+            f[Y_KEY].read_direct(labels, np.s_[0 : self.n])
+        labels = labels.reshape(self.n)
+        if labels.size and labels.max() > 1:
+            raise PCamDataError(f"{self.y_path}: labels must be 0 or 1, found {int(labels.max())}")
+        return labels
+
+    def read_images(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) in one contiguous read."""
+        out = np.empty((stop - start, *IMAGE_SHAPE), dtype=np.uint8) if out is None else out
+        with h5py.File(self.x_path, "r") as f:
+            f[X_KEY].read_direct(out, np.s_[start:stop])
+        return out
+
+
+class PCamSplit:
+    """One split as uint8 NHWC images and int64 labels, served in batches.
+
+    `batches()` yields CPU tensors `(images uint8 (B,96,96,3), labels int64 (B,))`; the caller moves them
+    to the device, where all float work happens.
+    """
+
+    def __init__(self, files: SplitFiles, in_memory: bool = True, source: str = "pcam"):
+        self.files = files
+        self.in_memory = in_memory
+        self.source = source
+        self.labels = torch.from_numpy(files.read_labels().astype(np.int64))
+        self.images: torch.Tensor | None = None
+        if in_memory:
+            self.images = torch.from_numpy(self._read_all())
+
+    @classmethod
+    def load(cls, root: str | Path, split: str, limit: int = 0, in_memory: bool = True, source: str = "pcam"):
+        return cls(SplitFiles.open(root, split, limit), in_memory=in_memory, source=source)
+
+    def __len__(self) -> int:
+        return self.files.n
+
+    def _read_all(self) -> np.ndarray:
+        n = self.files.n
+        out = np.empty((n, *IMAGE_SHAPE), dtype=np.uint8)
+        with h5py.File(self.files.x_path, "r") as f:
+            ds = f[X_KEY]
+            for start in range(0, n, SLAB_ROWS):
+                stop = min(start + SLAB_ROWS, n)
+                ds.read_direct(out, np.s_[start:stop], np.s_[start:stop])
+        return out
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.images is not None:
+            yield from self._memory_batches(batch_size, shuffle, generator, drop_last)
+        else:
+            yield from self._stream_batches(batch_size, shuffle, generator, drop_last)
+
+    def _memory_batches(self, batch_size, shuffle, generator, drop_last):
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if drop_last and stop - start < batch_size:
+                return
+            if order is None:
+                yield self.images[start:stop], self.labels[start:stop]
+            else:
+                idx = order[start:stop]
+                yield self.images[idx], self.labels[idx]
+
+    def _stream_batches(self, batch_size, shuffle, generator, drop_last):
+        # Shuffle the order of contiguous slabs, then rows within a slab: every read stays contiguous.
+        n = len(self)
+        starts = torch.arange(0, n, SLAB_ROWS)
+        if shuffle:
+            starts = starts[torch.randperm(len(starts), generator=generator)]
+        left_x = torch.empty((0, *IMAGE_SHAPE), dtype=torch.uint8)
+        left_y = torch.empty((0,), dtype=torch.int64)
+        for start in starts.tolist():
+            stop = min(start + SLAB_ROWS, n)
+            x = torch.from_numpy(self.files.read_images(start, stop))
+            y = self.labels[start:stop]
+            if shuffle:
+                perm = torch.randperm(stop - start, generator=generator)
+                x, y = x[perm], y[perm]
+            if len(left_x):
+                x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
+            full = len(x) // batch_size * batch_size
+            for s in range(0, full, batch_size):
+                yield x[s : s + batch_size], y[s : s + batch_size]
+            left_x, left_y = x[full:], y[full:]
+        if len(left_x) and not drop_last:
+            yield left_x, left_y

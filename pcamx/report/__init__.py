@@ -1,0 +1,1 @@
+"""Result files of a run (metrics.json, predictions.csv, roc.png) and, later, sweep tables."""

@@ -1,0 +1,157 @@
+"""The training loop: AdamW with per-group learning rates, linear warmup + cosine decay, gradient
+clipping, label smoothing, bf16 autocast on CUDA, periodic validation, best/last checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pcamx import io
+from pcamx.data.pcam import PCamSplit
+from pcamx.data.transforms import preprocess
+from pcamx.evaluate import predict
+from pcamx.hardware import autocast
+from pcamx.methods import merge_lora, plain_state_dict
+from pcamx.metrics import SELECT_METRICS, binary_metrics, is_better
+from pcamx.model import PCamClassifier
+from pcamx.tracking import Tracker
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    best_step: int | None = None
+    best_val: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear 0→1 over `warmup` steps, then cosine 1→0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def smoothed_ce_from_probs(labels: np.ndarray, probs: np.ndarray, smoothing: float) -> float:
+    """The training objective (label-smoothed cross-entropy) evaluated from 2-class probabilities."""
+    p = np.clip(np.stack([1 - probs, probs], axis=1), 1e-7, 1)
+    logp = np.log(p)
+    nll = -logp[np.arange(len(labels)), labels]
+    return float(np.mean((1 - smoothing) * nll - smoothing * logp.mean(axis=1)))
+
+
+def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any]) -> dict[str, float]:
+    labels, probs = predict(
+        model, split, device, cfg["data"]["eval_batch_size"], cfg["data"]["resolution"],
+        tta=cfg["eval"]["val_tta"], precision=cfg["hardware"]["precision"], desc="val",
+    )
+    metrics = binary_metrics(labels, probs)
+    metrics["val_loss"] = smoothed_ce_from_probs(labels, probs, cfg["train"]["label_smoothing"])
+    return metrics
+
+
+def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int, val: dict) -> dict:
+    return {
+        "model": plain_state_dict(model),
+        "backbone_config": model.config.to_dict(),
+        "method": cfg["method"]["name"],
+        "step": step,
+        "val_metrics": val,
+        "select_metric": cfg["train"]["select_metric"],
+    }
+
+
+def train(
+    model: PCamClassifier,
+    param_groups: list[dict],
+    train_split: PCamSplit,
+    val_split: PCamSplit,
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    run_dir: Path,
+    tracker: Tracker,
+) -> TrainResult:
+    """Train in place; on return the model holds the best validation weights (LoRA merged)."""
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    select = tcfg["select_metric"]
+    if select not in SELECT_METRICS:
+        raise ValueError(f"train.select_metric must be one of {sorted(SELECT_METRICS)}, got {select!r}")
+    batch_size, resolution = dcfg["batch_size"], dcfg["resolution"]
+    steps_per_epoch = train_split.num_batches(batch_size, drop_last=True)
+    if tcfg["max_train_batches"]:
+        steps_per_epoch = min(steps_per_epoch, tcfg["max_train_batches"])
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split ({len(train_split)} patches) is smaller than one batch ({batch_size})")
+    total_steps = tcfg["epochs"] * steps_per_epoch
+    val_interval = max(1, round(tcfg["val_every"] * steps_per_epoch))
+    precision = cfg["hardware"]["precision"]
+
+    optimizer = torch.optim.AdamW(param_groups, lr=tcfg["lr"], fused=device.type == "cuda")
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    result = TrainResult()
+    best_state = None
+    step, t0 = 0, time.time()
+    model.to(device).train()
+    bar = tqdm(total=total_steps, desc="train", disable=None)
+
+    for epoch in range(tcfg["epochs"]):
+        batches = train_split.batches(batch_size, shuffle=True, generator=generator, drop_last=True)
+        for i, (images, labels) in enumerate(batches):
+            if i >= steps_per_epoch:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            x = preprocess(images, resolution, augment=dcfg["augment"], generator=generator)
+
+            lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_scale
+            with autocast(device, precision):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=tcfg["label_smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+            optimizer.step()
+            step += 1
+            bar.update()
+            tracker.log({"train/loss": loss.item(), "train/lr_scale": lr_scale, "epoch": epoch}, step=step)
+
+            if step % val_interval == 0 or i + 1 == steps_per_epoch:
+                val = validate(model, val_split, device, cfg)
+                model.train()
+                record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
+                result.history.append(record)
+                tracker.log({f"val/{k}": v for k, v in val.items()}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
+                if is_better(select, val[select], result.best_val.get(select)):
+                    result.best_val, result.best_step = val, step
+                    payload = checkpoint_payload(model, cfg, step, val)
+                    best_state = payload["model"]
+                    if tcfg["save_best"]:
+                        io.torch_save(payload, run_dir / "best.pt")
+                result.last_val = val
+    bar.close()
+    result.steps, result.seconds = step, time.time() - t0
+
+    merge_lora(model)
+    if tcfg["save_last"] and step:
+        io.torch_save(checkpoint_payload(model, cfg, step, result.last_val), run_dir / "last.pt")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

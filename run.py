@@ -1,0 +1,15 @@
+"""Entry point: `python run.py [group=option ...] [key=value ...]`. All logic lives in pcamx/."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from pcamx.pipeline import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

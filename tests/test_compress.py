@@ -1,0 +1,452 @@
+"""Energy-based compression: the shared keep rule, each method's exact choices and maths, the chain,
+and compressed checkpoints. Tiny random DINOv3 models keep the whole file to a few seconds on CPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import DINOv3ViTModel
+
+from pcamx.compress import (
+    CheckpointMismatchError,
+    LowRankLinear,
+    architecture_spec,
+    compress,
+    keep_by_energy,
+    load_compressed,
+    prune_attention_heads,
+    prune_mlp_neurons,
+    save_compressed,
+    truncated_svd,
+    validate_tau,
+)
+from pcamx.compress.heads import head_energies
+from pcamx.compress.mlp import neuron_energies
+from pcamx.model import PCamClassifier, build_model, count_parameters, vits16_config
+
+TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)
+HIDDEN, HEADS, HEAD_DIM, WIDTH, LAYERS = 32, 4, 8, 64, 2
+ATOL = 1e-6
+
+
+def make_model(seed: int = 0, std: float = 0.2) -> PCamClassifier:
+    """A tiny classifier whose weights are large enough that every head and neuron visibly matters
+    (the default init's std of 0.02 would make dropped units change the output by less than ATOL)."""
+    model = build_model({"name_or_path": None, "config": TINY}).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+    return model(images() if x is None else x)
+
+
+def layers(model: PCamClassifier):
+    return list(model.backbone.model.layer)
+
+
+def expected_params(base: int, heads_kept: list[int], widths: list[int]) -> int:
+    """Closed form: a dropped head removes its q/k/v rows and o_proj columns, plus its q and v bias
+    entries (DINOv3 has no key bias); a dropped neuron removes an up_proj row, its bias entry and a
+    down_proj column."""
+    per_head = 4 * HEAD_DIM * HIDDEN + 2 * HEAD_DIM
+    per_neuron = 2 * HIDDEN + 1
+    return (
+        base - sum((HEADS - k) * per_head for k in heads_kept) - sum((WIDTH - w) * per_neuron for w in widths)
+    )
+
+
+# --- the shared rule -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "energies, tau, kept",
+    [
+        ([4, 3, 2, 1], 0.7, [0, 1]),  # 4 + 3 = 7 reaches exactly 0.7 · 10
+        ([4, 3, 2, 1], 0.71, [0, 1, 2]),
+        ([4, 3, 2, 1], 1e-9, [0]),  # always at least one unit
+        ([4, 3, 2, 1], 1.0, [0, 1, 2, 3]),
+        ([1, 3, 4, 2], 0.7, [1, 2]),  # indices come back in original order
+        ([1, 2, 2, 1], 0.3, [1]),  # tie: the lower index is ranked first
+        ([1, 2, 2, 1], 0.4, [1, 2]),
+        ([2, 1, 1, 2], 0.5, [0, 3]),
+        ([2, 1, 1, 2], 0.7, [0, 1, 3]),  # 4 < 0.7 · 6 = 4.2: the tied 1s go lower index first
+        ([1, 1, 1], 2 / 3, [0, 1]),  # an exact fraction is not missed through round-off
+        ([0, 0, 0], 0.5, [0]),
+        ([0, 0, 0], 1.0, [0, 1, 2]),  # τ = 1 keeps everything, even zero-energy units
+        ([5, 0, 0], 1.0, [0, 1, 2]),
+    ],
+)
+def test_keep_by_energy(energies, tau, kept):
+    assert keep_by_energy(torch.tensor(energies, dtype=torch.float32), tau).tolist() == kept
+
+
+@pytest.mark.parametrize("tau", [0, 0.0, -1, 1.5, float("nan"), float("inf"), True, "0.5", None])
+def test_bad_tau_is_rejected_with_the_allowed_range(tau):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        validate_tau(tau)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        keep_by_energy(torch.ones(3), tau)
+
+
+def test_bad_energies_are_rejected():
+    with pytest.raises(ValueError, match="non-negative"):
+        keep_by_energy(torch.tensor([1.0, -1.0]), 0.5)
+    with pytest.raises(ValueError, match="1-D"):
+        keep_by_energy(torch.ones(2, 2), 0.5)
+
+
+# --- τ = 1 changes nothing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["heads", "mlp", "svd", "all"])
+def test_tau_one_leaves_architecture_and_outputs_unchanged(method):
+    model = make_model()
+    before_spec, before_params, before = architecture_spec(model), count_parameters(model), logits(model)
+    compress(model, method, 1.0)
+    assert architecture_spec(model) == before_spec
+    assert count_parameters(model) == before_params
+    torch.testing.assert_close(logits(model), before, atol=ATOL, rtol=0)
+
+
+# --- attention heads -------------------------------------------------------------------------------
+
+
+def set_head_energies(model: PCamClassifier, energies: list[float]) -> None:
+    """Zero o_proj and put sqrt(e_h) in one entry of each head's column block, so ‖W_o[:, S_h]‖² = e_h."""
+    with torch.no_grad():
+        for layer in layers(model):
+            weight = layer.attention.o_proj.weight
+            weight.zero_()
+            for head, energy in enumerate(energies):
+                weight[head % HIDDEN, head * HEAD_DIM + head % HEAD_DIM] = math.sqrt(energy)
+
+
+@pytest.mark.parametrize(
+    "energies, tau, kept",
+    [
+        ([4, 3, 2, 1], 0.7, [0, 1]),
+        ([4, 3, 2, 1], 0.75, [0, 1, 2]),
+        ([1, 3, 4, 2], 0.7, [1, 2]),
+        ([1, 2, 2, 1], 0.3, [1]),
+        ([1, 1, 1, 1], 0.5, [0, 1]),
+        ([1, 1, 1, 1], 0.01, [0]),
+    ],
+)
+def test_head_pruning_keeps_exactly_the_expected_heads(energies, tau, kept):
+    model = make_model()
+    set_head_energies(model, energies)
+    torch.testing.assert_close(
+        head_energies(layers(model)[0].attention), torch.tensor(energies, dtype=torch.float64)
+    )
+    base = count_parameters(model)
+
+    report = prune_attention_heads(model, tau)
+
+    assert [row["kept"] for row in report] == [kept] * LAYERS
+    assert [(row["before"], row["after"]) for row in report] == [(HEADS, len(kept))] * LAYERS
+    assert report[0]["layer"] == "backbone.model.layer.0.attention"
+    for layer in layers(model):
+        assert layer.attention.num_heads == len(kept)
+        assert layer.attention.o_proj.in_features == len(kept) * HEAD_DIM
+    assert count_parameters(model) == expected_params(base, [len(kept)] * LAYERS, [WIDTH] * LAYERS)
+    assert logits(model).shape == (2, 2)
+
+
+def test_dropping_heads_equals_zeroing_their_o_proj_columns():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    tau = 0.75
+    kept_per_layer = [keep_by_energy(head_energies(layer.attention), tau).tolist() for layer in layers(model)]
+    assert any(len(kept) < HEADS for kept in kept_per_layer), "the test needs at least one dropped head"
+    with torch.no_grad():
+        for layer, kept in zip(layers(reference), kept_per_layer, strict=True):
+            for head in set(range(HEADS)) - set(kept):
+                layer.attention.o_proj.weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM] = 0
+    base = count_parameters(model)
+
+    report = prune_attention_heads(model, tau)
+
+    assert [row["kept"] for row in report] == kept_per_layer
+    assert all(row["kept_energy"] >= tau for row in report)
+    torch.testing.assert_close(logits(model), logits(reference), atol=ATOL, rtol=0)
+    assert not torch.allclose(logits(model), logits(make_model()), atol=1e-3)  # the heads did matter
+    widths = [WIDTH] * LAYERS
+    assert count_parameters(model) == expected_params(base, [len(k) for k in kept_per_layer], widths)
+
+
+# --- MLP neurons -----------------------------------------------------------------------------------
+
+
+def set_neuron_energies(model: PCamClassifier, energies: list[float]) -> None:
+    """One-hot up_proj rows and down_proj columns of height sqrt(e_i), so (‖up_i‖ · ‖down_i‖)² = e_i
+    exactly: ties must be real ties in float32, not round-off apart."""
+    with torch.no_grad():
+        for layer in layers(model):
+            up, down = layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+            up.zero_()
+            down.zero_()
+            for neuron, energy in enumerate(energies):
+                up[neuron, neuron % HIDDEN] = 1.0
+                down[neuron % HIDDEN, neuron] = math.sqrt(energy)
+
+
+@pytest.mark.parametrize(
+    "tau, kept",
+    [
+        (0.8, list(range(60, 64))),  # the four strong neurons hold 400 of 460 ≥ 0.8 · 460 = 368
+        (0.9, list(range(14)) + list(range(60, 64))),  # 414 needs 14 more unit neurons, lowest index first
+        (1e-6, [60]),
+    ],
+)
+def test_mlp_pruning_keeps_exactly_the_expected_neurons(tau, kept):
+    model = make_model()
+    energies = [1.0] * 60 + [100.0] * 4
+    set_neuron_energies(model, energies)
+    mlp = layers(model)[0].mlp
+    torch.testing.assert_close(neuron_energies(mlp), torch.tensor(energies, dtype=torch.float64))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in layers(reference):
+            layer.mlp.down_proj.weight[:, sorted(set(range(WIDTH)) - set(kept))] = 0
+    base = count_parameters(model)
+
+    report = prune_mlp_neurons(model, tau)
+
+    assert [(row["before"], row["after"]) for row in report] == [(WIDTH, len(kept))] * LAYERS
+    assert all(layer.mlp.intermediate_size == len(kept) for layer in layers(model))
+    assert count_parameters(model) == expected_params(base, [HEADS] * LAYERS, [len(kept)] * LAYERS)
+    torch.testing.assert_close(logits(model), logits(reference), atol=ATOL, rtol=0)
+
+
+def test_dropping_neurons_equals_zeroing_their_down_proj_columns():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    tau = 0.8
+    kept_per_layer = [keep_by_energy(neuron_energies(layer.mlp), tau).tolist() for layer in layers(model)]
+    with torch.no_grad():
+        for layer, kept in zip(layers(reference), kept_per_layer, strict=True):
+            layer.mlp.down_proj.weight[:, sorted(set(range(WIDTH)) - set(kept))] = 0
+    base = count_parameters(model)
+
+    report = prune_mlp_neurons(model, tau)
+
+    assert [row["after"] for row in report] == [len(k) for k in kept_per_layer]
+    assert all(len(k) < WIDTH for k in kept_per_layer)
+    torch.testing.assert_close(logits(model), logits(reference), atol=ATOL, rtol=0)
+    assert count_parameters(model) == expected_params(
+        base, [HEADS] * LAYERS, [len(k) for k in kept_per_layer]
+    )
+
+
+# --- truncated SVD ---------------------------------------------------------------------------------
+
+
+def matrix_with_singular_values(sigma: list[float], out: int, inp: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out, len(sigma), generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(inp, len(sigma), generator=generator, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize(
+    "tau, rank",
+    [(0.8, 2), (0.5, 1), (0.01, 1), (0.96, 3), (0.999, 4)],  # σ² = 16, 9, 4, 1 (+ zeros): total 30
+)
+def test_svd_finds_the_exact_rank_and_factorizes(tau, rank):
+    model = make_model()
+    sigma = [4.0, 3.0, 2.0, 1.0]
+    weight = matrix_with_singular_values(sigma, HIDDEN, HIDDEN)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.attention.q_proj.weight.copy_(weight)
+    base, bias = count_parameters(model), layers(model)[0].attention.q_proj.bias.clone()
+
+    report = truncated_svd(model, tau, targets=("q_proj",))
+
+    assert [(row["rank_for_tau"], row["replaced"]) for row in report] == [(rank, True)] * LAYERS
+    q_proj = layers(model)[0].attention.q_proj
+    assert isinstance(q_proj, LowRankLinear) and q_proj.rank == rank
+    assert (q_proj.in_features, q_proj.out_features) == (HIDDEN, HIDDEN)
+    u, s, vh = torch.linalg.svd(weight)
+    truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    product = q_proj.up.weight.double() @ q_proj.down.weight.double()
+    torch.testing.assert_close(product, truncated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q_proj.up.bias, bias)
+    saved = LAYERS * (HIDDEN * HIDDEN - rank * 2 * HIDDEN)
+    assert count_parameters(model) == base - saved
+    assert logits(model).shape == (2, 2)
+
+
+def test_svd_skips_layers_where_factorizing_would_not_save_parameters():
+    model = make_model()
+    flat = matrix_with_singular_values([1.0] * HIDDEN, HIDDEN, HIDDEN)  # every direction holds 1/32
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.attention.v_proj.weight.copy_(flat)
+    before = logits(model)
+
+    # 0.6 · 32 = 19.2 → rank 20, and 20 · (32 + 32) = 1280 ≥ 32 · 32: no saving, so nothing changes.
+    report = truncated_svd(model, 0.6, targets="v_proj")
+
+    assert [(row["rank_for_tau"], row["replaced"]) for row in report] == [(20, False)] * LAYERS
+    assert all(type(layer.attention.v_proj) is nn.Linear for layer in layers(model))
+    torch.testing.assert_close(logits(model), before, atol=ATOL, rtol=0)
+
+
+def test_svd_targets_are_validated():
+    with pytest.raises(ValueError, match="unknown SVD targets"):
+        truncated_svd(make_model(), 0.5, targets=("head",))
+
+
+# --- the chain -------------------------------------------------------------------------------------
+
+
+def test_unknown_method_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: none, heads, mlp, svd, all"):
+        compress(make_model(), "prune", 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="all", tau=0.5, tau_svd=1.5), r"tau_svd must be a number in \(0, 1\]"),
+        (dict(method="heads", tau=float("nan")), r"tau must be a number in \(0, 1\]"),
+        (dict(method="mlp", tau=None), "needs tau"),
+        (dict(method="heads", tau=0.5, tau_svd=0), r"tau_svd must be"),  # checked even when unused
+        (dict(method="none", tau=2.0), r"tau must be"),
+        (dict(method="all", tau=0.5, order=("heads", "svd")), "exactly once"),
+        (dict(method="all", tau=0.5, svd_targets=("gate",)), "unknown SVD targets"),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_is_touched(kwargs, message):
+    model = make_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        compress(model, **kwargs)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_per_method_tau_overrides_the_common_one():
+    model = make_model()
+    report = compress(model, "all", tau=1.0, tau_mlp=0.5)
+    assert list(report) == ["heads", "mlp", "svd"]
+    assert all(row["after"] == row["before"] for row in report["heads"])
+    assert all(row["after"] < row["before"] for row in report["mlp"])
+    assert compress(make_model(), "none", None) == {}
+
+
+def test_chain_save_and_load_rebuild_the_exact_model(tmp_path):
+    model = make_model()
+    report = compress(model, "all", tau=0.8, tau_svd=0.5, order=("svd", "heads", "mlp"))
+    assert list(report) == ["svd", "heads", "mlp"]
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert any(row["after"] < row["before"] for row in report["heads"])
+    assert any(row["after"] < row["before"] for row in report["mlp"])
+
+    directory = save_compressed(model, tmp_path / "compressed", extra={"method": "all", "tau": 0.8})
+    assert sorted(p.name for p in directory.iterdir()) == ["architecture.json", "model.safetensors"]
+    spec = json.loads((directory / "architecture.json").read_text())
+    assert spec["extra"] == {"method": "all", "tau": 0.8}
+    assert spec["layers"] == architecture_spec(model)["layers"]
+
+    loaded = load_compressed(directory)
+
+    assert count_parameters(loaded) == count_parameters(model)
+    assert architecture_spec(loaded)["layers"] == spec["layers"]
+    torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
+
+
+def test_heads_then_svd_on_sliced_projections_roundtrip(tmp_path):
+    model = make_model(seed=3)
+    compress(model, "all", tau=0.6, order=("heads", "mlp", "svd"), svd_targets="all")
+    loaded = load_compressed(save_compressed(model, tmp_path))
+    torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
+
+
+# --- checkpoint errors -----------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_directory_or_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        load_compressed(tmp_path / "no-such-dir")
+    save_compressed(make_model(), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_compressed(tmp_path / "ckpt")
+
+
+def test_weights_that_do_not_match_the_spec_are_reported(tmp_path):
+    pruned = make_model()
+    compress(pruned, "heads", 0.5)
+    save_compressed(pruned, tmp_path / "pruned")
+    save_compressed(make_model(), tmp_path / "full")
+    # Pair the full model's weights with the pruned model's architecture.
+    (tmp_path / "full" / "architecture.json").write_text(
+        (tmp_path / "pruned" / "architecture.json").read_text()
+    )
+    with pytest.raises(CheckpointMismatchError, match="do not match the architecture"):
+        load_compressed(tmp_path / "full")
+
+
+def test_a_spec_asking_for_more_heads_than_the_config_is_reported(tmp_path):
+    save_compressed(make_model(), tmp_path)
+    path = tmp_path / "architecture.json"
+    spec = json.loads(path.read_text())
+    spec["layers"][0]["num_heads"] = HEADS + 1
+    path.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointMismatchError, match="buildable architecture"):
+        load_compressed(tmp_path)
+
+
+def test_save_requires_the_classifier():
+    with pytest.raises(TypeError, match="PCamClassifier"):
+        architecture_spec(make_model().backbone)
+
+
+# --- the real ViT-S/16 shape -----------------------------------------------------------------------
+
+
+def test_vits16_parameter_count_and_compression():
+    backbone = DINOv3ViTModel(vits16_config())
+    backbone.config._attn_implementation = "sdpa"
+    model = PCamClassifier(backbone, backbone.config.hidden_size).eval()
+    full = count_parameters(model)
+    assert round(full / 1e6, 2) == 21.6
+
+    # One SVD target keeps the test quick: a dozen 1536 × 384 SVDs instead of 72.
+    report = compress(model, "all", 0.9, svd_targets=("up_proj",))
+
+    assert count_parameters(model) < full
+    assert any(row["replaced"] for row in report["svd"])
+    assert all(row["kept_energy"] >= 0.9 for step in report.values() for row in step)
+    assert logits(model, torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_gated_mlp_prunes_its_gate_too_and_roundtrips(tmp_path):
+    model = build_model({"name_or_path": None, "config": {**TINY, "use_gated_mlp": True}}).eval()
+    report = prune_mlp_neurons(model, 0.5)
+    mlp = layers(model)[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == report[0]["after"] < WIDTH
+    loaded = load_compressed(save_compressed(model, tmp_path))
+    torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
+
+
+def test_bare_backbone_is_accepted():
+    backbone = make_model().backbone
+    report = prune_mlp_neurons(backbone, 0.5)
+    assert report[0]["layer"] == "model.layer.0.mlp"

@@ -1,0 +1,200 @@
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    log_loss,
+    roc_auc_score,
+)
+
+from pcamx.metrics import (
+    METRIC_ALIASES,
+    METRIC_NAMES,
+    NLL_EPS,
+    SELECT_METRICS,
+    binary_metrics,
+    expected_calibration_error,
+    is_better,
+    sensitivity_at_specificity,
+)
+
+
+@pytest.fixture
+def random_scores() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    logits = rng.normal(size=y.size) + 1.5 * (2 * y - 1)
+    p = 1.0 / (1.0 + np.exp(-logits))
+    # Rounding creates tied scores, which exercise sklearn's tie handling in every metric.
+    p[:500] = np.round(p[:500], 2)
+    return y, p
+
+
+def test_keys(random_scores):
+    assert tuple(binary_metrics(*random_scores)) == METRIC_NAMES
+
+
+def test_matches_sklearn(random_scores):
+    y, p = random_scores
+    m = binary_metrics(y, p)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p), rel=1e-12)
+    assert m["auprc"] == pytest.approx(average_precision_score(y, p), rel=1e-12)
+    assert m["nll"] == pytest.approx(log_loss(y, p), rel=1e-9)
+    assert m["brier"] == pytest.approx(brier_score_loss(y, p), rel=1e-9)
+    assert m["acc"] == pytest.approx(accuracy_score(y, p >= 0.5), rel=1e-12)
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_accepts_float32_probs_and_bool_labels(random_scores):
+    y, p = random_scores
+    m64 = binary_metrics(y, p)
+    m32 = binary_metrics(y.astype(bool), p.astype(np.float32))
+    for k in METRIC_NAMES:
+        assert m32[k] == pytest.approx(m64[k], abs=1e-5), k
+
+
+def _naive_ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
+    # Independent per-sample loop, bins (lo, hi] over [0, 1].
+    edges = np.linspace(0, 1, n_bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        members = [(pi, yi) for pi, yi in zip(p, y, strict=True) if lo < max(pi, 1 - pi) <= hi]
+        if members:
+            conf = np.mean([max(pi, 1 - pi) for pi, _ in members])
+            acc = np.mean([int(pi >= 0.5) == yi for pi, yi in members])
+            total += len(members) / len(y) * abs(acc - conf)
+    return total
+
+
+def test_ece_matches_naive_loop(random_scores):
+    y, p = random_scores
+    assert expected_calibration_error(y, p) == pytest.approx(_naive_ece(y, p), abs=1e-12)
+
+
+def test_ece_hand_computed():
+    # 15 bins of width 1/15; conf = max(p, 1-p), pred = p >= 0.5.
+    #   p     y  pred  conf  bin (lo, hi]        correct
+    #   0.90  1  1     0.90  (13/15, 14/15]      yes
+    #   0.78  0  1     0.78  (11/15, 12/15]      no
+    #   0.30  0  0     0.70  (10/15, 11/15]      yes
+    #   0.55  1  1     0.55  ( 8/15,  9/15]      yes
+    #   0.95  1  1     0.95  (14/15, 1]          yes
+    #   0.10  1  0     0.90  (13/15, 14/15]      no
+    # bin 13: n=2, acc 0.5, conf 0.90 → |gap| 0.40, weight 2/6
+    # others (n=1): |0-0.78| = 0.78, |1-0.70| = 0.30, |1-0.55| = 0.45, |1-0.95| = 0.05
+    # ECE = (2·0.40 + 0.78 + 0.30 + 0.45 + 0.05) / 6 = 2.38 / 6
+    y = np.array([1, 0, 0, 1, 1, 1])
+    p = np.array([0.90, 0.78, 0.30, 0.55, 0.95, 0.10])
+    assert expected_calibration_error(y, p) == pytest.approx(2.38 / 6, abs=1e-12)
+    assert binary_metrics(y, p)["ece"] == pytest.approx(2.38 / 6, abs=1e-12)
+
+
+def test_ece_edges():
+    # p = 0.5 → pred 1, conf 0.5 (bin (7/15, 8/15]); p in {0, 1} → conf 1 (last bin).
+    assert expected_calibration_error(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.0)
+    assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
+    # A confidence exactly on an interior edge belongs to the lower bin (lo, hi]: the edge sample
+    # (correct) shares bin 11 with conf 0.79 (wrong) → |0.5 - mean conf|; separate bins would give
+    # (|1 - edge| + |0 - 0.79|) / 2 ≈ 0.495.
+    edge = np.linspace(0, 1, 16)[12]
+    ece = expected_calibration_error(np.array([1, 0]), np.array([edge, 0.79]))
+    assert ece == pytest.approx(abs(0.5 - (edge + 0.79) / 2), abs=1e-12)
+
+
+def test_sens_at_95spec_hand_computed():
+    # 20 negatives: one at 0.9, one at 0.6, 18 at 0.1 → spec >= 0.95 allows at most 1 false positive,
+    # so the threshold can go down to 0.65 (FP = the 0.9 negative) but not to 0.6 (FP = 2).
+    # 6 positives: 0.95, 0.85, 0.7, 0.65 are >= 0.65; 0.5, 0.3 are not → sensitivity 4/6.
+    neg = [0.9, 0.6] + [0.1] * 18
+    pos = [0.95, 0.85, 0.7, 0.65, 0.5, 0.3]
+    y = np.array([0] * len(neg) + [1] * len(pos))
+    p = np.array(neg + pos)
+    assert sensitivity_at_specificity(y, p) == pytest.approx(4 / 6)
+    assert binary_metrics(y, p)["sens_at_95spec"] == pytest.approx(4 / 6)
+
+
+def test_sens_at_95spec_keeps_collinear_roc_points():
+    # Tie groups of (1 pos, 1 neg) put ROC points on a straight diagonal: (0,0), (.05,.05), (.1,.1).
+    # The admissible point (.05, .05) is "intermediate" and roc_curve's default drop_intermediate
+    # would remove it, giving 0 instead of 1/20.
+    y = np.array([1, 0, 1, 0] + [1] * 18 + [0] * 18)
+    p = np.array([0.9, 0.9, 0.8, 0.8] + [0.3] * 18 + [0.1] * 18)
+    assert sensitivity_at_specificity(y, p) == pytest.approx(1 / 20)
+
+
+def test_perfect_classifier():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.0, 0.1, 0.2, 0.8, 0.9, 1.0])
+    m = binary_metrics(y, p)
+    assert m["auroc"] == 1.0 and m["auprc"] == 1.0
+    assert m["sens_at_95spec"] == 1.0 and m["acc"] == 1.0
+    assert m["brier"] == pytest.approx((0.01 + 0.04) * 2 / 6)
+
+
+def test_inverted_classifier():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = 1.0 - np.array([0.0, 0.1, 0.2, 0.8, 0.9, 1.0])
+    m = binary_metrics(y, p)
+    assert m["auroc"] == 0.0
+    assert m["sens_at_95spec"] == 0.0
+    assert m["acc"] == 0.0
+    assert m["ece"] == pytest.approx(np.mean([1.0, 0.9, 0.8, 0.8, 0.9, 1.0]))
+
+
+def test_nll_clips_saturated_probs():
+    # A confidently wrong p = 0 for a positive costs -log(NLL_EPS), not inf.
+    m = binary_metrics(np.array([1, 0]), np.array([0.0, 0.0]))
+    assert m["nll"] == pytest.approx(-math.log(NLL_EPS) / 2)
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "match"),
+    [
+        ([0, 1, 1], [0.1, 0.9], "length"),
+        ([0, 2], [0.1, 0.9], "0 or 1"),
+        ([0, -1], [0.1, 0.9], "0 or 1"),
+        ([0, 1], [0.1, 1.1], r"\[0, 1\]"),
+        ([0, 1], [-0.1, 0.5], r"\[0, 1\]"),
+        ([0, 1], [0.1, float("nan")], "NaN"),
+        ([0, 1], [0.1, float("inf")], "NaN or inf"),
+        ([], [], "no samples"),
+        ([[0, 1]], [[0.1, 0.9]], "1-D"),
+        ([1, 1, 1], [0.1, 0.5, 0.9], "single class"),
+        ([0, 0], [0.1, 0.5], "single class"),
+    ],
+)
+def test_bad_inputs(labels, probs, match):
+    with pytest.raises(ValueError, match=match):
+        binary_metrics(np.array(labels), np.array(probs, dtype=float))
+
+
+def test_select_metrics_directions():
+    assert {k for k, v in SELECT_METRICS.items() if v == "max"} == {
+        "auroc",
+        "auprc",
+        "acc",
+        "sens95",
+        "sens_at_95spec",
+    }
+    assert {k for k, v in SELECT_METRICS.items() if v == "min"} == {"val_loss", "nll", "brier", "ece"}
+    # Every selectable metric other than the trainer's val_loss is produced by binary_metrics.
+    for name in set(SELECT_METRICS) - {"val_loss"}:
+        assert METRIC_ALIASES.get(name, name) in METRIC_NAMES
+
+
+def test_is_better():
+    assert is_better("auroc", 0.9, None)
+    assert is_better("auroc", 0.91, 0.9)
+    assert not is_better("auroc", 0.89, 0.9)
+    assert not is_better("auroc", 0.9, 0.9)  # ties keep the earlier checkpoint
+    assert is_better("val_loss", 0.2, 0.3)
+    assert not is_better("ece", 0.05, 0.04)
+    assert is_better("sens95", 0.8, 0.7)
+    assert not is_better("auroc", float("nan"), None)
+    assert not is_better("nll", float("nan"), 0.3)
+    assert is_better("nll", 0.3, float("nan"))
+    with pytest.raises(ValueError, match="unknown selection metric"):
+        is_better("f1", 0.5, None)

@@ -1,0 +1,104 @@
+"""Post-training quantization modes: outputs stay close to float32, bad requests fail clearly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pcamx.compress import compress
+from pcamx.model import PCamClassifier, build_model
+from pcamx.quant import quantize
+
+TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)
+CPU = torch.device("cpu")
+
+
+def make_model() -> PCamClassifier:
+    torch.manual_seed(0)
+    model = build_model({"name_or_path": None, "config": TINY}).eval()
+    # The default init (std 0.02) gives logits near 0 and probabilities near 0.5 whatever the precision;
+    # a unit-scale head spreads them out so the comparison can fail.
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 1.0)
+    return model
+
+
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, device: torch.device = CPU) -> torch.Tensor:
+    return model(images().to(device)).float().softmax(dim=-1).cpu()
+
+
+def test_none_moves_and_leaves_outputs_unchanged():
+    model = make_model()
+    expected = probabilities(model)
+    torch.testing.assert_close(probabilities(quantize(model, "none", CPU)), expected, atol=0, rtol=0)
+
+
+def test_bf16_runs_in_bf16_and_stays_close_to_f32():
+    model = make_model()
+    expected = probabilities(model)
+    quantized = quantize(copy.deepcopy(model), "bf16", CPU)
+    head_inputs = []
+    quantized.head.register_forward_hook(lambda module, args, out: head_inputs.append(args[0].dtype))
+    with torch.no_grad():
+        logits = quantized(images())  # float32 pixels: the backbone casts them itself
+    assert all(p.dtype == torch.bfloat16 for p in quantized.parameters())
+    assert head_inputs == [torch.bfloat16] and logits.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits (relative error ≈ 2⁻⁹ ≈ 0.2% per rounding); through two blocks and the
+    # head that compounds to about 1% of the logits, and probabilities move less than the logits do.
+    torch.testing.assert_close(logits.float().softmax(-1), expected, atol=2e-2, rtol=0)
+
+
+def test_int8_on_cpu_is_dynamic_and_stays_close_to_f32():
+    pytest.importorskip("torchao")
+    model = make_model()
+    compress(model, "all", 0.9, tau_svd=0.5)  # quantizing must also cover LowRankLinear's halves
+    expected = probabilities(model)
+    quantized = quantize(model, "int8", CPU)
+    linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m.weight) is not torch.nn.Parameter for m in linears)  # torchao tensors now
+    # Per-channel int8 weights and per-token int8 activations each carry ≈ 0.4% relative error (1/255 of
+    # the range); compounded over the tiny model that stays within a few percent of the logits (0.4% seen).
+    torch.testing.assert_close(probabilities(quantized), expected, atol=3e-2, rtol=0)
+
+
+def test_unknown_mode_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: none, bf16, int8"):
+        quantize(make_model(), "fp8", CPU)
+
+
+def test_int8_off_cpu_and_cuda_is_refused_before_anything_moves():
+    model = make_model()
+    with pytest.raises(ValueError, match="'int8' runs on cpu or cuda, not mps"):
+        quantize(model, "int8", torch.device("mps"))
+    assert next(model.parameters()).device == CPU
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine really has an MPS device")
+def test_bf16_on_an_unusable_device_is_refused():
+    with pytest.raises(RuntimeError, match="'bf16' is not supported on mps"):
+        quantize(make_model(), "bf16", torch.device("mps"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine really has CUDA")
+@pytest.mark.parametrize("mode", ["none", "bf16", "int8"])
+def test_cuda_without_cuda_is_refused(mode):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        quantize(make_model(), mode, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode, atol", [("bf16", 2e-2), ("int8", 3e-2)])
+def test_cuda_modes_stay_close_to_f32(mode, atol):
+    if mode == "int8":
+        pytest.importorskip("torchao")
+    model = make_model()
+    expected = probabilities(model)
+    cuda = torch.device("cuda")
+    torch.testing.assert_close(probabilities(quantize(model, mode, cuda), cuda), expected, atol=atol, rtol=0)
