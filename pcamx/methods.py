@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,7 +94,10 @@ def apply_method(
             target_modules=lora_targets(method_cfg),
             bias="none",
         )
-        model.backbone = get_peft_model(model.backbone, config)  # freezes every base weight
+        with warnings.catch_warnings():
+            # peft calls a transformers API that transformers 5 deprecates; nothing for our users to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model.backbone = get_peft_model(model.backbone, config)  # freezes every base weight
 
     for p in model.backbone.parameters():
         p.requires_grad_(False)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pcamx import io
 from pcamx.data.pcam import PCamSplit
-from pcamx.data.synthetic import ensure_synthetic
+from pcamx.data.synthetic import ensure_synthetic, is_synthetic
 from pcamx.evaluate import predict
 from pcamx.footprint import count_params, gflops, memory_mb
 from pcamx.hardware import resolve_device, setup_threads
@@ -54,11 +54,13 @@ def load_data(dcfg: DictConfig) -> Data:
         sizes = {"train": dcfg.n_train, "valid": dcfg.n_valid, "test": dcfg.n_test}
         ensure_synthetic(root, sizes, seed=dcfg.seed)
     limits = {"train": dcfg.limit_train, "valid": dcfg.limit_val, "test": dcfg.limit_test}
+    # The marker file, not the config, decides: generated data is never reported as PCam.
+    source = "synthetic" if is_synthetic(root) else "pcam"
     splits = {
-        name: PCamSplit.load(root, name, limit=limits[name], in_memory=dcfg.in_memory, source=dcfg.name)
+        name: PCamSplit.load(root, name, limit=limits[name], in_memory=dcfg.in_memory, source=source)
         for name in ("train", "valid", "test")
     }
-    return Data(**splits, source=dcfg.name)
+    return Data(**splits, source=source)
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:

@@ -54,8 +54,9 @@ def _open(path: Path, key: str, root: Path) -> h5py.File:
     except OSError as err:
         raise PCamDataError(f"{path} is not a readable HDF5 file ({err}); delete it and download again.") from err
     if key not in f:
+        found = list(f.keys())
         f.close()
-        raise PCamDataError(f"{path} has no dataset '{key}' (found {list(f.keys())}); the official layout has '{key}'.")
+        raise PCamDataError(f"{path} has no dataset '{key}' (found {found}); the official layout has '{key}'.")
     return f
 
 

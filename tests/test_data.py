@@ -1,0 +1,134 @@
+"""The official layout is enforced, splits load as uint8, and both loading modes serve the same data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_SIZES
+from pcamx.data import pcam
+from pcamx.data.layout import all_file_names, file_name
+from pcamx.data.pcam import PCamDataError, PCamSplit
+from pcamx.data.synthetic import MARKER, generate_split, is_synthetic, write_synthetic
+
+
+def copy_root(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_synthetic_files_have_the_official_layout(small_pcam: Path) -> None:
+    assert sorted(p.name for p in small_pcam.glob("*.h5")) == sorted(all_file_names())
+    for split, n in SMALL_SIZES.items():
+        with h5py.File(small_pcam / file_name(split, "x")) as f:
+            assert list(f.keys()) == ["x"]
+            assert f["x"].shape == (n, 96, 96, 3) and f["x"].dtype == np.uint8
+        with h5py.File(small_pcam / file_name(split, "y")) as f:
+            assert list(f.keys()) == ["y"]
+            assert f["y"].shape == (n, 1, 1, 1) and f["y"].dtype == np.uint8
+    assert is_synthetic(small_pcam) and (small_pcam / MARKER).is_file()
+
+
+def test_synthetic_is_deterministic_and_class_balanced() -> None:
+    x1, y1 = generate_split(200, seed=3, split="test")
+    x2, y2 = generate_split(200, seed=3, split="test")
+    x3, _ = generate_split(200, seed=4, split="test")
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    # Balanced before the 3% label noise: within a few flips of half.
+    assert abs(int(y1.sum()) - 100) <= 15
+
+
+def test_split_loads_uint8_images_and_squeezed_labels(small_pcam: Path) -> None:
+    split = PCamSplit.load(small_pcam, "valid")
+    assert split.images.dtype == torch.uint8 and split.images.shape == (128, 96, 96, 3)
+    assert split.labels.shape == (128,) and set(split.labels.tolist()) <= {0, 1}
+    with h5py.File(small_pcam / file_name("valid", "x")) as f:
+        assert np.array_equal(split.images.numpy(), f["x"][:])
+    with h5py.File(small_pcam / file_name("valid", "y")) as f:
+        assert np.array_equal(split.labels.numpy(), f["y"][:].reshape(-1))
+
+
+def test_streaming_and_in_memory_serve_the_same_samples(small_pcam: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pcam, "SLAB_ROWS", 48)  # several slabs, with batches straddling slab edges
+    mem = PCamSplit.load(small_pcam, "train", in_memory=True)
+    stream = PCamSplit.load(small_pcam, "train", in_memory=False)
+    assert stream.images is None
+
+    def collect(split: PCamSplit, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        xs, ys = zip(*split.batches(40, shuffle=shuffle, generator=g), strict=True)
+        return torch.cat(xs), torch.cat(ys)
+
+    x_mem, y_mem = collect(mem, shuffle=False)
+    x_stream, y_stream = collect(stream, shuffle=False)
+    assert torch.equal(x_mem, x_stream) and torch.equal(y_mem, y_stream)
+
+    x_shuf, y_shuf = collect(stream, shuffle=True)
+    assert not torch.equal(x_shuf, x_mem)  # shuffled …
+    key = lambda x: x.flatten(1)[:, :64].sum(1) * 1000 + x.flatten(1)[:, 64:128].sum(1)  # noqa: E731
+    assert torch.equal(key(x_shuf).sort().values, key(x_mem).sort().values)  # … but every sample once
+    assert y_shuf.sum() == y_mem.sum()
+
+
+def test_drop_last_and_batch_count(small_pcam: Path) -> None:
+    split = PCamSplit.load(small_pcam, "valid")
+    assert [len(x) for x, _ in split.batches(50)] == [50, 50, 28]
+    assert [len(x) for x, _ in split.batches(50, drop_last=True)] == [50, 50]
+    assert split.num_batches(50) == 3 and split.num_batches(50, drop_last=True) == 2
+
+
+def test_missing_file_names_file_and_download_command(small_pcam: Path, tmp_path: Path) -> None:
+    root = copy_root(small_pcam, tmp_path / "pcam")
+    (root / file_name("test", "x")).unlink()
+    with pytest.raises(PCamDataError) as err:
+        PCamSplit.load(root, "test")
+    assert file_name("test", "x") in str(err.value)
+    assert f"python -m pcamx.data.download --root {root}" in str(err.value)
+
+
+def test_wrong_shape_or_dtype_names_file_and_layout(small_pcam: Path, tmp_path: Path) -> None:
+    root = copy_root(small_pcam, tmp_path / "pcam")
+    bad = root / file_name("valid", "x")
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("x", data=np.zeros((128, 64, 64, 3), dtype=np.uint8))
+    with pytest.raises(PCamDataError, match=r"(?s)valid_x\.h5.*\(N, 96, 96, 3\) uint8"):
+        PCamSplit.load(root, "valid")
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("x", data=np.zeros((128, 96, 96, 3), dtype=np.float32))
+    with pytest.raises(PCamDataError, match="float32"):
+        PCamSplit.load(root, "valid")
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("images", data=np.zeros((128, 96, 96, 3), dtype=np.uint8))
+    with pytest.raises(PCamDataError, match="no dataset 'x'"):
+        PCamSplit.load(root, "valid")
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(PCamDataError, match="not a readable HDF5"):
+        PCamSplit.load(root, "valid")
+
+
+def test_x_and_y_lengths_must_agree(small_pcam: Path, tmp_path: Path) -> None:
+    root = copy_root(small_pcam, tmp_path / "pcam")
+    with h5py.File(root / file_name("valid", "y"), "w") as f:
+        f.create_dataset("y", data=np.zeros((100, 1, 1, 1), dtype=np.uint8))
+    with pytest.raises(PCamDataError, match="128 images but .* 100 labels"):
+        PCamSplit.load(root, "valid")
+
+
+def test_limit_larger_than_split_warns_and_clamps(small_pcam: Path) -> None:
+    with pytest.warns(UserWarning, match="exceeds the valid split's 128"):
+        split = PCamSplit.load(small_pcam, "valid", limit=10_000)
+    assert len(split) == 128
+    assert len(PCamSplit.load(small_pcam, "valid", limit=50)) == 50
+
+
+def test_write_synthetic_replaces_atomically(tmp_path: Path) -> None:
+    root = write_synthetic(tmp_path / "s", {"train": 8, "valid": 8, "test": 8}, seed=1)
+    write_synthetic(root, {"train": 16, "valid": 8, "test": 8}, seed=1)
+    assert len(PCamSplit.load(root, "train")) == 16
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp dirs left behind

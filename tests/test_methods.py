@@ -1,0 +1,116 @@
+"""Each method trains exactly the parameters it claims to, and LoRA merges without changing outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from pcamx.methods import apply_method, merge_lora, plain_state_dict
+from pcamx.model import PCamClassifier, build_model
+
+TINY = {"name_or_path": None, "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                          "num_attention_heads": 2}}
+
+
+def tiny() -> PCamClassifier:
+    torch.manual_seed(0)
+    return build_model(TINY)
+
+
+def trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def grouped(groups: list[dict]) -> set[int]:
+    return {id(p) for g in groups for p in g["params"]}
+
+
+def test_head_only_trains_only_the_head() -> None:
+    model = tiny()
+    groups = apply_method(model, {"name": "head_only", "train_norms_bias": "none"}, 1e-3, 1e-4)
+    assert trainable(model) == {"head.weight", "head.bias"}
+    assert grouped(groups) == {id(p) for p in model.head.parameters()}
+
+
+@pytest.mark.parametrize("which", ["norms", "bias", "both"])
+def test_head_only_with_norms_and_biases(which: str) -> None:
+    model = tiny()
+    groups = apply_method(model, {"name": "head_only", "train_norms_bias": which, "lr_norms_bias": 5e-5}, 1e-3, 0)
+    names = trainable(model) - {"head.weight", "head.bias"}
+    norm_names = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    is_norm = {n for n in names if n.rsplit(".", 1)[0] in norm_names}
+    assert names, "something besides the head must train"
+    if which == "norms":
+        assert names == is_norm
+    if which == "bias":
+        assert not is_norm and all(n.endswith(".bias") for n in names)
+    if which == "both":
+        assert is_norm and names - is_norm and all(n.endswith(".bias") for n in names - is_norm)
+    assert not any(n.endswith(("q_proj.weight", "up_proj.weight", "patch_embeddings.weight")) for n in names)
+    assert {g["lr"] for g in groups if g["name"].startswith("norms_bias")} == {5e-5}
+
+
+def test_lora_trains_only_adapters_and_head() -> None:
+    model = tiny()
+    groups = apply_method(model, {"name": "lora", "r": 4, "alpha": 8, "lr_lora": 2e-4, "lr_head": 1e-3}, 5e-4, 0.0)
+    assert isinstance(model.backbone, PeftModel)
+    names = trainable(model)
+    assert {"head.weight", "head.bias"} <= names
+    adapters = names - {"head.weight", "head.bias"}
+    assert adapters and all("lora_A" in n or "lora_B" in n for n in adapters)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapters}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {g["lr"] for g in groups if g["name"].startswith("lora")} == {2e-4}
+
+
+def test_lora_include_mlp_and_norms_bias() -> None:
+    model = tiny()
+    apply_method(model, {"name": "lora", "include_mlp": True, "train_norms_bias": "norms"}, 1e-3, 0.0)
+    names = trainable(model)
+    assert any(".up_proj.lora_A" in n for n in names) and any(".down_proj.lora_B" in n for n in names)
+    assert any(n.endswith("norm1.weight") for n in names)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in names)
+
+
+def test_lora_merge_leaves_outputs_unchanged() -> None:
+    model = tiny()
+    apply_method(model, {"name": "lora", "r": 4, "alpha": 8, "include_mlp": True}, 1e-3, 0.0)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters do something
+            nn.init.normal_(p, std=0.05)
+    model.eval()
+    x = torch.randn(3, 3, 48, 48)
+    with torch.inference_mode():
+        before = model(x)
+        plain = build_model(TINY).eval()
+        plain.load_state_dict(plain_state_dict(model))  # the checkpoint format: no peft needed to load
+        from_ckpt = plain(x)
+        merged = merge_lora(model)(x)
+    assert not isinstance(model.backbone, PeftModel)
+    torch.testing.assert_close(merged, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_ckpt, before, atol=1e-5, rtol=0)
+    assert not torch.allclose(before, build_model(TINY).eval()(x), atol=1e-3)  # adapters mattered
+
+
+def test_fullft_trains_everything_with_two_learning_rates() -> None:
+    model = tiny()
+    groups = apply_method(model, {"name": "fullft", "lr_head": 1e-3, "lr_backbone": 1e-5}, 5e-4, 0.05)
+    assert trainable(model) == {n for n, _ in model.named_parameters()}
+    assert {g["lr"] for g in groups} == {1e-3, 1e-5}
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.head.weight) in decayed and id(model.head.bias) not in decayed
+
+
+def test_unset_learning_rates_fall_back_to_train_lr() -> None:
+    groups = apply_method(tiny(), {"name": "lora", "lr_head": None, "lr_lora": None}, 7e-4, 0.0)
+    assert {g["lr"] for g in groups} == {7e-4}
+
+
+def test_unknown_method_and_norms_bias_choice_are_rejected() -> None:
+    with pytest.raises(ValueError, match="head_only"):
+        apply_method(tiny(), {"name": "prompt_tuning"}, 1e-3, 0.0)
+    with pytest.raises(ValueError, match="none"):
+        apply_method(tiny(), {"name": "head_only", "train_norms_bias": "all"}, 1e-3, 0.0)

@@ -1,0 +1,113 @@
+"""End to end: `run.py` composes, trains, evaluates with TTA and writes every promised file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conftest import REPO, compose_config, fast_overrides
+from pcamx import pipeline
+from pcamx.data.pcam import PCamSplit
+from pcamx.evaluate import predict
+from pcamx.metrics import binary_metrics
+from pcamx.model import PCamClassifier, build_model
+
+METRIC_KEYS = {"auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll"}
+RUN_FILES = {"metrics.json", "predictions.csv", "roc.png", "best.pt", "last.pt", "resolved_config.yaml"}
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "label", "prob"]
+    assert [int(r["index"]) for r in rows] == list(range(len(rows)))
+    return np.array([int(r["label"]) for r in rows]), np.array([float(r["prob"]) for r in rows])
+
+
+@pytest.mark.parametrize("method", ["head_only", "lora", "fullft"])
+def test_each_method_runs_end_to_end(small_pcam: Path, tmp_path: Path, method: str) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, f"method={method}"))
+    metrics = pipeline.run(cfg, run_dir=tmp_path)
+    assert RUN_FILES <= {p.name for p in tmp_path.iterdir()}
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["status"] == "ok" and on_disk["method"] == method
+    assert METRIC_KEYS | {"params", "gflops", "memory_mb", "n_test", "tta", "data", "val"} <= set(on_disk)
+    assert on_disk["data"] == "synthetic"  # the generated stand-in is never reported as PCam
+    assert on_disk["n_test"] == 128 and on_disk["tta"] is True
+    assert METRIC_KEYS <= set(on_disk["val"])
+    labels, probs = read_predictions(tmp_path / "predictions.csv")
+    recomputed = binary_metrics(labels, probs)
+    for key in METRIC_KEYS:
+        assert on_disk[key] == pytest.approx(recomputed[key], abs=1e-6), key
+    assert metrics["auroc"] == on_disk["auroc"]
+
+
+def test_best_checkpoint_reproduces_the_test_predictions(small_pcam: Path, tmp_path: Path) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, "method=lora", "eval.tta=false"))
+    pipeline.run(cfg, run_dir=tmp_path)
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert ckpt["method"] == "lora" and not any("lora_" in k for k in ckpt["model"])
+    model: PCamClassifier = build_model(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    test = PCamSplit.load(small_pcam, "test", limit=cfg.data.limit_test)
+    _, probs = predict(model, test, torch.device("cpu"), 64, cfg.data.resolution, tta=False)
+    np.testing.assert_allclose(probs, read_predictions(tmp_path / "predictions.csv")[1], atol=1e-6)
+
+
+def test_real_vits16_loading_path_reports_its_size(small_pcam: Path, tmp_path: Path) -> None:
+    from transformers import DINOv3ViTModel
+
+    from pcamx.model import vits16_config
+
+    weights = tmp_path / "dinov3-vits16"
+    DINOv3ViTModel(vits16_config()).save_pretrained(weights)
+    cfg = compose_config(*fast_overrides(
+        small_pcam, "model=dinov3_vits16", f"model.name_or_path={weights}", "train.max_train_batches=1",
+        "data.limit_test=16",
+    ))
+    metrics = pipeline.run(cfg, run_dir=tmp_path / "run")
+    assert round(metrics["params"] / 1e6, 2) == 21.60
+
+
+def test_failed_run_still_writes_metrics_json(tmp_path: Path) -> None:
+    cfg = compose_config(*fast_overrides(tmp_path / "no-data"))
+    with pytest.raises(Exception, match="missing PCam file"):
+        pipeline.run(cfg, run_dir=tmp_path / "run")
+    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "pcamx.data.download" in failed["error"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """`python run.py experiment=demo`, exactly as `make demo` runs it (synthetic data cached in tmp)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    run_dir = tmp / "run"
+    subprocess.run(
+        [sys.executable, "run.py", "experiment=demo", f"hydra.run.dir={run_dir}",
+         f"data.root={tmp / 'synthetic'}"],
+        cwd=REPO, check=True, timeout=600,
+    )
+    return run_dir
+
+
+def test_demo_writes_every_file_and_names_its_data(demo_run: Path) -> None:
+    assert RUN_FILES <= {p.name for p in demo_run.iterdir()}
+    assert (demo_run / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    assert metrics["data"] == "synthetic" and metrics["model"] == "dinov3_tiny"
+    assert (demo_run / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_training_beats_chance_clearly_but_not_perfectly(demo_run: Path) -> None:
+    labels, probs = read_predictions(demo_run / "predictions.csv")
+    auroc = roc_auc_score(labels, probs)
+    assert 0.9 <= auroc < 1.0
+    assert json.loads((demo_run / "metrics.json").read_text())["auroc"] == pytest.approx(auroc, abs=1e-9)
