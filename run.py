@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pcamx.pipeline import run
+    from pcamx.pipeline import run_job
 
-    run(cfg)
+    run_job(cfg)
 
 
 if __name__ == "__main__":

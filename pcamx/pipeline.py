@@ -106,6 +106,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         raise
 
 
+def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """What `run.py` calls. In a sweep a failed job is recorded (metrics.json) and logged instead of
+    raised: Hydra's sweeper would otherwise abort before the summary callback writes the table, and
+    that callback exits non-zero for failed runs, so the command's status still says so."""
+    from pcamx.report.callback import sweep_reports_failures
+
+    try:
+        return run(cfg)
+    except Exception:
+        if not sweep_reports_failures():
+            raise
+        log.exception("job failed; the sweep summary reports it")
+        return None
+
+
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

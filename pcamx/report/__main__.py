@@ -1,0 +1,49 @@
+"""`python -m pcamx.report DIR [DIR ...] [--out OUTDIR]`: the sweep table of every run under DIRs.
+
+Works on any sweep folder, including one whose launcher died (it reads only the run directories).
+Exit status: 0 when every run is ok, 1 when a run failed or is missing metrics.json (the tables are
+written first), 2 when there is nothing to report or the command line is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pcamx.report.sweep import any_failed, summarize
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pcamx.report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run folders, searched recursively")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where summary.csv, summary.md and roc.png go (default: DIR, when only one)")
+    args = parser.parse_args(argv)
+    for d in args.dirs:
+        if not d.is_dir():
+            parser.error(f"not a directory: {d}")
+    if args.out is None and len(args.dirs) > 1:
+        parser.error("several DIRs: say where the tables go with --out")
+    out = args.out or args.dirs[0]
+    try:
+        runs, paths = summarize(args.dirs, out)
+    except ValueError as err:
+        parser.error(str(err))
+    if not runs:
+        print(f"no run directories (metrics.json or .hydra/overrides.yaml) under {' '.join(map(str, args.dirs))}",
+              file=sys.stderr)
+        return 2
+    print(paths["md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    if any_failed(runs):
+        bad = [r for r in runs if not r.ok]
+        print(f"{len(bad)} of {len(runs)} runs did not finish ok: " + ", ".join(f"{r.job} ({r.status})" for r in bad),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Sweep tables from fabricated run directories: no training, a few seconds in all."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from pcamx.report import callback as callback_module
+from pcamx.report.__main__ import main as cli
+from pcamx.report.callback import SweepSummaryCallback, log_to_wandb
+from pcamx.report.sweep import collect_runs, format_cell, format_pruning, summarize, write_summary
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CONTEXT = {"data": "synthetic", "model": "dinov3_tiny", "tta": True, "n_test": 64}
+REFERENCE = {"params": 21_600_000, "gflops": 4.61, "memory_mb": 82.4, "auroc": 0.9540, "auprc": 0.95,
+             "sens_at_95spec": 0.8, "ece": 0.03, "brier": 0.07, "acc": 0.9, "nll": 0.25}
+
+
+def metrics(method: str, quant: str = "none", prune: dict | None = None, **values) -> dict:
+    return {"status": "ok", **REFERENCE, **CONTEXT, "method": method, "quant": quant,
+            "prune": prune or {"method": "none", "tau_heads": None, "tau_mlp": None, "tau_svd": None}, **values}
+
+
+def make_run(root: Path, job: str, overrides: list[str], metrics_json: dict | None,
+             config: dict | None = None, seed: int = 0) -> Path:
+    run_dir = root / job
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    if config is not None:
+        (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    if metrics_json is not None:
+        (run_dir / "metrics.json").write_text(json.dumps({**metrics_json, "run_dir": str(run_dir)}))
+    if metrics_json is not None and metrics_json.get("status") == "ok":
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 2, 64)
+        probs = np.clip(0.35 * labels + 0.65 * rng.random(64), 0, 1)
+        rows = "".join(f"{i},{y},{p:.8f}\n" for i, (y, p) in enumerate(zip(labels, probs, strict=True)))
+        (run_dir / "predictions.csv").write_text("index,label,prob\n" + rows)
+    return run_dir
+
+
+def make_sweep(root: Path, failing: bool = True) -> Path:
+    """Jobs 0-3 ok (two uncompressed references, two compressed lora runs), 4 failed, 5 missing."""
+    heads = {"method": "heads", "tau_heads": 0.89, "tau_mlp": None, "tau_svd": None}
+    make_run(root, "0", ["method=lora", "debug=fast"], metrics("lora"), seed=0)
+    # Its own reference (the same trained model before pruning) gives the relative change.
+    make_run(root, "1", ["method=lora", "prune=heads", "prune.tau=0.89", "debug=fast"],
+             metrics("lora", prune=heads, params=20_080_000, auroc=0.9512, reference=REFERENCE), seed=1)
+    # No reference entry: job 0 (same method, uncompressed) is the reference.
+    make_run(root, "2", ["method=lora", "quant=int8", "debug=fast"],
+             metrics("lora", quant="int8", memory_mb=21.0), seed=2)
+    make_run(root, "3", ["method=fullft", "debug=fast"], metrics("fullft", params=21_700_000), seed=3)
+    if failing:
+        make_run(root, "4", ["method=fullft", "prune=all", "prune.tau=0.9", "debug=fast", "train.lr=1e9"],
+                 {"status": "failed", "error": "FloatingPointError: loss is nan | at step 3\n" + "x" * 200,
+                  "traceback": "Traceback ..."},
+                 config={"method": {"name": "fullft"}, "data": {"name": "synthetic"}, "model": {"name": "dinov3_tiny"},
+                         "eval": {"tta": True}})
+        make_run(root, "5", ["method=head_only", "debug=fast"], None,
+                 config={"method": {"name": "head_only"}, "eval": {"tta": True}})
+    (root / "multirun.yaml").write_text("not read: the launcher may have died before writing a true one\n")
+    return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_rows(md: str) -> list[list[str]]:
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows]
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    return make_sweep(tmp_path / "multirun" / "2025-01-01" / "12-00-00")
+
+
+def test_collect_finds_every_job_in_job_order(sweep: Path) -> None:
+    runs = collect_runs([sweep])
+    assert [r.job for r in runs] == ["0", "1", "2", "3", "4", "5"]
+    assert [r.status for r in runs] == ["ok", "ok", "ok", "ok", "failed", "missing"]
+    assert runs[4].overrides[-1] == "train.lr=1e9" and runs[4].method == "fullft"
+    assert runs[5].method == "head_only" and "no metrics.json" in runs[5].error
+
+
+def test_jobs_sort_as_numbers(tmp_path: Path) -> None:
+    for job in ("10", "9", "2"):
+        make_run(tmp_path, job, [f"seed={job}"], metrics("lora"))
+    assert [r.job for r in collect_runs([tmp_path])] == ["2", "9", "10"]
+
+
+def test_summary_csv_has_raw_numbers_traceable_to_run_dirs(sweep: Path) -> None:
+    runs, paths = summarize([sweep], sweep)
+    rows = read_csv(paths["csv"])
+    assert [(r["job"], r["status"]) for r in rows] == [(r.job, r.status) for r in runs]
+    for row in rows:
+        assert Path(row["run_dir"]).parent == sweep
+    by_job = {r["job"]: r for r in rows}
+    assert int(by_job["1"]["params"]) == 20_080_000 and float(by_job["1"]["auroc"]) == 0.9512
+    assert by_job["1"]["prune_method"] == "heads" and float(by_job["1"]["tau_heads"]) == 0.89
+    assert by_job["1"]["reference_source"] == "self" and int(by_job["1"]["reference.params"]) == 21_600_000
+    assert by_job["2"]["quant"] == "int8" and by_job["2"]["reference_source"] == str(sweep / "0")
+    assert by_job["0"]["reference_source"] == ""  # uncompressed: it is the reference
+    assert by_job["1"]["overrides"] == "method=lora prune=heads prune.tau=0.89 debug=fast"
+    assert by_job["1"]["override.prune.tau"] == "0.89" and by_job["4"]["override.train.lr"] == "1e9"
+    assert by_job["4"]["error"].startswith("FloatingPointError: loss is nan") and by_job["4"]["params"] == ""
+    assert by_job["5"]["status"] == "missing"
+
+
+def test_summary_md_shows_varying_columns_and_a_constant_header(sweep: Path) -> None:
+    _, paths = summarize([sweep], sweep)
+    md = paths["md"].read_text()
+    assert "synthetic stand-in data — not PCam" in md
+    assert "data: synthetic · model: dinov3_tiny · tta: True · n_test: 64 · debug: fast" in md
+    assert "6 runs: 4 ok, 1 failed, 1 missing" in md
+    header, _, *rows = table_rows(md)
+    # train.lr differs (set only by job 4); debug=fast and the context do not; method/quant/prune have
+    # their own columns.
+    assert header == ["Job", "train.lr", "Method", "Quantization", "Pruning/τ", "Parameters", "GFLOPs",
+                      "Memory (MB)", "AUROC", "AUPRC", "Sens@95%Spec", "ECE", "Brier", "Acc", "NLL", "Status"]
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert cells["0"]["Parameters"] == "21.60M" and cells["0"]["AUROC"] == "0.9540"
+    assert cells["1"]["Parameters"] == "20.08M (↓7.0%)"
+    assert cells["1"]["AUROC"] == "0.9512 (↓0.3%)" and cells["1"]["GFLOPs"] == "4.61 (±0.0%)"
+    assert cells["1"]["Pruning/τ"] == "heads τ=0.89" and cells["1"]["train.lr"] == "—"
+    assert cells["2"]["Memory (MB)"] == "21.00 (↓74.5%)" and cells["2"]["Quantization"] == "int8"
+    assert cells["3"]["Parameters"] == "21.70M"  # fullft has no uncompressed sibling to compare with
+    assert cells["4"]["Status"].startswith("failed: FloatingPointError: loss is nan \\| at step 3")
+    assert cells["4"]["Status"].endswith("…") and len(cells["4"]["Status"]) < 100
+    assert cells["4"]["Method"] == "fullft" and cells["4"]["AUROC"] == "—" and cells["4"]["train.lr"] == "1e9"
+    assert cells["4"]["Pruning/τ"] == "all τ=0.9"  # its config has no prune node: the overrides say
+    assert cells["5"]["Status"].startswith("missing") and cells["5"]["Method"] == "head_only"
+
+
+def test_relative_change_format() -> None:
+    assert format_cell("params", 20_080_000, 21_600_000) == "20.08M (↓7.0%)"
+    assert format_cell("params", 21_600_000) == "21.60M"
+    assert format_cell("ece", 0.033, 0.03) == "0.0330 (↑10.0%)"
+    assert format_cell("auroc", None, 0.95) == "—"
+    assert format_cell("gflops", 2.0, 0) == "2.00"  # no percentage of nothing
+    assert format_pruning({"method": "all", "tau_heads": 0.9, "tau_mlp": 0.9, "tau_svd": 0.9}) == "all τ=0.9"
+    assert format_pruning({"method": "all", "tau_heads": 0.9, "tau_mlp": 0.8, "tau_svd": None}) == (
+        "all τ_heads=0.9 τ_mlp=0.8")
+
+
+def test_roc_png_is_written(sweep: Path) -> None:
+    _, paths = summarize([sweep], sweep)
+    assert paths["roc"] == sweep / "roc.png"
+    assert paths["roc"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_run_directory_is_not_an_output_folder(sweep: Path) -> None:
+    with pytest.raises(ValueError, match="run directory"):
+        write_summary(collect_runs([sweep]), sweep / "0")
+
+
+def test_cli_exit_status_says_whether_a_run_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = make_sweep(tmp_path / "bad")
+    assert cli([str(bad)]) == 1
+    assert (bad / "summary.csv").is_file() and (bad / "summary.md").is_file() and (bad / "roc.png").is_file()
+    assert "| Job |" in capsys.readouterr().out
+    good = make_sweep(tmp_path / "good", failing=False)
+    assert cli([str(good), "--out", str(tmp_path / "tables")]) == 0
+    assert len(read_csv(tmp_path / "tables" / "summary.csv")) == 4
+    assert cli([str(tmp_path / "good"), str(tmp_path / "bad"), "--out", str(tmp_path / "both")]) == 1
+    assert len(read_csv(tmp_path / "both" / "summary.csv")) == 10
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli([str(empty)]) == 2
+
+
+def test_callback_writes_what_the_cli_writes(sweep: Path, tmp_path: Path) -> None:
+    assert cli([str(sweep), "--out", str(tmp_path / "cli")]) == 1
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "wandb": {"enabled": False}})
+    with pytest.raises(SystemExit) as exit_info:
+        SweepSummaryCallback().on_multirun_end(config)
+    assert exit_info.value.code == 1
+    for name in ("summary.csv", "summary.md"):
+        assert (sweep / name).read_text() == (tmp_path / "cli" / name).read_text()
+    assert (sweep / "roc.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_callback_tolerates_missing_runs_when_told_not_to_fail(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0", ["method=lora"], None)  # killed before metrics.json
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    SweepSummaryCallback(exit_on_failure=False).on_multirun_end(config)
+    assert read_csv(sweep / "summary.csv")[0]["status"] == "missing"
+    (empty := tmp_path / "empty").mkdir()
+    SweepSummaryCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))
+    assert read_csv(empty / "summary.csv") == []
+
+
+class FakeTracker:
+    """Stands in for W&B: records what would be logged, never opens a connection."""
+
+    logged: list[dict] = []
+
+    def __init__(self, wandb_cfg, config, run_dir, name=None, group=None) -> None:
+        self.run = object()
+        FakeTracker.logged = []
+
+    def log(self, values, step=None) -> None:
+        FakeTracker.logged.append(dict(values))
+
+    def log_image(self, key, path) -> None:
+        FakeTracker.logged.append({key: Path(path)})
+
+    def summary(self, values) -> None:
+        FakeTracker.logged.append({"summary": dict(values)})
+
+    def finish(self) -> None:
+        pass
+
+
+def test_wandb_table_only_when_enabled(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs, paths = summarize([sweep], sweep)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "wandb": {"enabled": True}})
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert not log_to_wandb(config, runs, paths, sweep)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not log_to_wandb(OmegaConf.create({"wandb": {"enabled": False}}), runs, paths, sweep)
+    monkeypatch.setattr(callback_module, "Tracker", FakeTracker)
+    assert log_to_wandb(config, runs, paths, sweep)
+    table = FakeTracker.logged[0]["sweep/summary"]
+    assert table.columns[:3] == ["job", "status", "error"] and len(table.data) == 6
+    assert FakeTracker.logged[1] == {"sweep/roc": sweep / "roc.png"}
+
+
+def test_config_registers_the_callback() -> None:
+    # conf/config.yaml selects it in its defaults (`override hydra/callbacks: sweep_summary`).
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    assert list(cfg.hydra.callbacks) == ["sweep_summary"]
+    callback = instantiate(cfg.hydra.callbacks.sweep_summary)
+    assert isinstance(callback, SweepSummaryCallback) and callback.exit_on_failure
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["hydra/callbacks=sweep_summary", "hydra.mode=MULTIRUN"], True),
+    (["hydra/callbacks=sweep_summary", "hydra.mode=RUN"], False),  # a single run must still fail loudly
+    (["~hydra/callbacks", "hydra.mode=MULTIRUN"], False),  # no summary at the end: nobody would report it
+    (["hydra/callbacks=sweep_summary", "hydra.mode=MULTIRUN",
+      "hydra.callbacks.sweep_summary.exit_on_failure=false"], False),
+])
+def test_jobs_may_leave_failures_to_the_summary_only_when_it_reports_them(overrides, expected) -> None:
+    from pcamx.report.callback import sweep_reports_failures
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    assert sweep_reports_failures(cfg.hydra) is expected
