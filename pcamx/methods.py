@@ -55,6 +55,19 @@ def lora_targets(method_cfg: Mapping[str, Any]) -> list[str]:
     return targets
 
 
+def lora_target_modules(backbone: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the nn.Linear modules to adapt: a target itself, or both halves of a target that
+    truncated SVD replaced by a low-rank pair (so a compressed model can be healed with LoRA too)."""
+    names = []
+    for name, module in backbone.named_modules():
+        parts = name.split(".")
+        if isinstance(module, nn.Linear) and (parts[-1] in targets or (len(parts) > 1 and parts[-2] in targets)):
+            names.append(name)
+    if not names:
+        raise ValueError(f"no linear layer of the backbone matches the LoRA targets {targets}")
+    return names
+
+
 def _decay_split(params: list[nn.Parameter], lr: float, weight_decay: float, label: str) -> list[dict]:
     # Standard ViT practice: no weight decay on norms, biases and tokens (1-D / token tensors).
     decay = [p for p in params if p.ndim >= 2 and p.shape[:2] != (1, 1)]
@@ -91,7 +104,7 @@ def apply_method(
             r=int(method_cfg.get("r", 8)),
             lora_alpha=float(method_cfg.get("alpha", 16)),
             lora_dropout=float(method_cfg.get("dropout", 0.0)),
-            target_modules=lora_targets(method_cfg),
+            target_modules=lora_target_modules(model.backbone, lora_targets(method_cfg)),
             bias="none",
         )
         with warnings.catch_warnings():

@@ -5,6 +5,7 @@ Each stage reads its own config node; `run` only wires them together.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -18,17 +19,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pcamx import io
+from pcamx.checkpoint import COMPRESSED_DIR, load_checkpoint
+from pcamx.compress.chain import compress, plan
+from pcamx.compress.spec import save_compressed
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.synthetic import ensure_synthetic, is_synthetic
 from pcamx.evaluate import predict
-from pcamx.footprint import count_params, gflops, memory_mb
-from pcamx.hardware import resolve_device, setup_threads
+from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
+from pcamx.hardware import autocast, resolve_device, setup_threads
 from pcamx.methods import apply_method
-from pcamx.metrics import binary_metrics
+from pcamx.metrics import SELECT_METRICS, binary_metrics
 from pcamx.model import build_model
+from pcamx.quant import check_quantization, quantize
 from pcamx.report.run_files import plot_roc, write_predictions
 from pcamx.tracking import Tracker
-from pcamx.train import TrainResult, train
+from pcamx.train import TrainResult, train, validate
 
 log = logging.getLogger("pcamx")
 METRIC_KEYS = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
@@ -82,7 +87,7 @@ def footprint(model: torch.nn.Module, resolution: int) -> dict[str, float]:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    keys = [*METRIC_KEYS, "params", "gflops", "memory_mb", "n_test", "tta", "data"]
+    keys = [*METRIC_KEYS, "params", "gflops", "memory_mb", "latency_ms_b1", "throughput_ips", "n_test", "tta", "data"]
     rows = ["| metric | value |", "| --- | --- |"]
     for k in keys:
         v = metrics.get(k)
@@ -121,6 +126,51 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         return None
 
 
+def validate_config(cfg: DictConfig, device: torch.device) -> None:
+    """Reject impossible settings before any data is read or any step is trained."""
+    select = cfg.train.select_metric
+    if select not in SELECT_METRICS:
+        raise ValueError(f"train.select_metric must be one of {sorted(SELECT_METRICS)}, got {select!r}")
+    compression_plan(cfg.prune)
+    check_quantization(cfg.quant.mode, device)
+    if cfg.prune.heal_epochs < 0:
+        raise ValueError(f"prune.heal_epochs must be >= 0, got {cfg.prune.heal_epochs}")
+
+
+def compression_plan(pcfg: DictConfig) -> tuple[dict[str, float], tuple[str, ...]]:
+    return plan(pcfg.method, pcfg.tau, pcfg.tau_heads, pcfg.tau_mlp, pcfg.tau_svd, pcfg.order, pcfg.svd_targets)
+
+
+def test_metrics(model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, desc: str = "test"):
+    labels, probs = predict(
+        model, data.test, device, cfg.data.eval_batch_size, cfg.data.resolution,
+        tta=cfg.eval.tta, precision=cfg.hardware.precision, desc=desc,
+    )
+    return labels, probs, binary_metrics(labels, probs)
+
+
+def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    """Latency at batch 1 and throughput at the eval batch size, model forward only, after warm-up."""
+    if not cfg.eval.measure_speed:
+        return {}
+    res, warmup, iters = cfg.data.resolution, cfg.eval.speed_warmup, cfg.eval.speed_iters
+    with autocast(device, cfg.hardware.precision):
+        return {
+            "latency_ms_b1": round(latency_ms(model, torch.randn(1, 3, res, res, device=device), warmup, iters), 4),
+            "throughput_ips": round(throughput_ips(
+                model, torch.randn(cfg.data.eval_batch_size, 3, res, res, device=device), warmup, iters), 2),
+        }
+
+
+def relative_change(new: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    """Percent change of every shared number, e.g. params 20.08M vs 21.60M → -7.0."""
+    return {
+        k: round(100 * (new[k] - ref[k]) / ref[k], 3)
+        for k in ref
+        if isinstance(ref.get(k), int | float) and isinstance(new.get(k), int | float) and ref[k]
+    }
+
+
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -128,40 +178,77 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     setup_threads(cfg.hardware)
     device = resolve_device(cfg.hardware.device)
+    validate_config(cfg, device)
 
     # data
     data = load_data(cfg.data)
     log.info("data: %s train=%d valid=%d test=%d", data.source, len(data.train), len(data.valid), len(data.test))
 
-    # model
-    model = build_model(cfg.model)
+    # model: a fresh backbone + head, or a saved one (checkpoint=...), which skips training
+    started_from = None
+    if cfg.checkpoint:
+        model, started_from = load_checkpoint(cfg.checkpoint, cfg.model)
+    else:
+        model = build_model(cfg.model)
     tracker = Tracker(cfg.wandb, config, run_dir)
 
     # train
     result = TrainResult()
-    if cfg.train.epochs > 0:
+    if started_from is None and cfg.train.epochs > 0:
         groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
         result = train(model, groups, data.train, data.valid, config, device, run_dir, tracker)
     model.to(device).eval()
 
+    # compress (+ heal); the uncompressed f32 model is kept as reference and distillation teacher
+    compressing, quantizing = cfg.prune.method != "none", cfg.quant.mode != "none"
+    reference = copy.deepcopy(model) if compressing or quantizing else None
+    extra: dict[str, Any] = {}
+    if compressing:
+        taus, targets = compression_plan(cfg.prune)
+        extra["compression"] = compress(model, cfg.prune.method, cfg.prune.tau, cfg.prune.tau_heads,
+                                        cfg.prune.tau_mlp, cfg.prune.tau_svd, cfg.prune.order, cfg.prune.svd_targets)
+        extra["prune"] = {"method": cfg.prune.method, **{f"tau_{k}": v for k, v in taus.items()},
+                          "svd_targets": list(targets)}
+        if cfg.prune.heal_epochs > 0:
+            unhealed_val = validate(model, data.valid, device, config)
+            extra["before_heal"] = {**test_metrics(model, data, cfg, device, desc="test (unhealed)")[2],
+                                    "val": unhealed_val}
+            groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
+            healed = train(model, groups, data.train, data.valid, config, device, run_dir, tracker,
+                           epochs=cfg.prune.heal_epochs, teacher=reference, phase="heal", baseline_val=unhealed_val)
+            extra["heal"] = {"epochs": cfg.prune.heal_epochs, "best_step": healed.best_step, "val": healed.best_val,
+                             "history": healed.history}
+            model.to(device).eval()
+        save_compressed(model, run_dir / COMPRESSED_DIR, extra={
+            "model_name": cfg.model.name, "method": cfg.method.name, "prune": extra["prune"]})
+    figures = footprint(model, cfg.data.resolution)
+
+    # quantize
+    model = quantize(model, cfg.quant.mode, device)
+    figures["memory_mb"] = round(memory_mb(model), 4)
+
     # evaluate
-    labels, probs = predict(
-        model, data.test, device, cfg.data.eval_batch_size, cfg.data.resolution,
-        tta=cfg.eval.tta, precision=cfg.hardware.precision, desc="test",
-    )
-    metrics: dict[str, Any] = {"status": "ok", **binary_metrics(labels, probs)}
-    metrics.update(footprint(model, cfg.data.resolution))
+    labels, probs, test = test_metrics(model, data, cfg, device)
+    metrics: dict[str, Any] = {"status": "ok", **test, **figures, **speed(model, cfg, device)}
+    if reference is not None:
+        ref = {**test_metrics(reference, data, cfg, device, desc="test (reference)")[2],
+               **footprint(reference, cfg.data.resolution), **speed(reference, cfg, device)}
+        metrics["reference"] = {**ref, "change_pct": relative_change(metrics, ref)}
     metrics.update({
         "n_test": int(len(labels)),
         "tta": bool(cfg.eval.tta),
         "data": data.source,
         "method": cfg.method.name,
         "model": cfg.model.name,
+        "quant": cfg.quant.mode,
+        "prune": extra.pop("prune", {"method": "none"}),
         "device": str(device),
-        "val": result.best_val,
+        "checkpoint": started_from,
+        "val": result.best_val if started_from is None else (started_from.get("val_metrics") or {}),
         "best_step": result.best_step,
         "train_steps": result.steps,
         "train_seconds": round(result.seconds, 2),
+        **extra,
         "total_seconds": round(time.time() - started, 2),
         "run_dir": str(run_dir),
     })

@@ -50,8 +50,8 @@ def _int8_quantizer(device: torch.device) -> Callable[[nn.Module], None]:
     return lambda model: quantize_(model, config)
 
 
-def quantize(model: nn.Module, mode: str, device: torch.device | str) -> nn.Module:
-    """Move `model` to `device` and quantize it in place with `mode` (none|bf16|int8); returns it."""
+def check_quantization(mode: str, device: torch.device | str) -> None:
+    """Raise a clear error when `mode` cannot run on `device` (called before training starts)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; allowed: {', '.join(QUANT_MODES)}")
     device = torch.device(device)
@@ -66,6 +66,14 @@ def quantize(model: nn.Module, mode: str, device: torch.device | str) -> nn.Modu
             f"quantization mode 'int8' runs on {' or '.join(INT8_DEVICES)}, not {device.type}; "
             "use 'none' or 'bf16' there"
         )
+    if mode == "int8":
+        _int8_quantizer(device)
+
+
+def quantize(model: nn.Module, mode: str, device: torch.device | str) -> nn.Module:
+    """Move `model` to `device` and quantize it in place with `mode` (none|bf16|int8); returns it."""
+    check_quantization(mode, device)
+    device = torch.device(device)
     int8 = _int8_quantizer(device) if mode == "int8" else None
 
     model.to(device)

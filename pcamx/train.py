@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from pcamx import io
@@ -21,7 +22,7 @@ from pcamx.data.transforms import preprocess
 from pcamx.evaluate import predict
 from pcamx.hardware import autocast
 from pcamx.methods import merge_lora, plain_state_dict
-from pcamx.metrics import SELECT_METRICS, binary_metrics, is_better
+from pcamx.metrics import binary_metrics, is_better
 from pcamx.model import PCamClassifier
 from pcamx.tracking import Tracker
 
@@ -62,10 +63,21 @@ def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any]) -> dict[st
     return metrics
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean (Hinton et al.; T² keeps gradients
+    comparable across temperatures)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+        log_target=True, reduction="batchmean",
+    ) * t * t
+
+
 def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int, val: dict) -> dict:
     return {
         "model": plain_state_dict(model),
         "backbone_config": model.config.to_dict(),
+        "model_name": cfg["model"]["name"],
         "method": cfg["method"]["name"],
         "step": step,
         "val_metrics": val,
@@ -82,19 +94,31 @@ def train(
     device: torch.device,
     run_dir: Path,
     tracker: Tracker,
+    *,
+    epochs: int | None = None,
+    teacher: nn.Module | None = None,
+    phase: str = "train",
+    baseline_val: dict[str, float] | None = None,
 ) -> TrainResult:
-    """Train in place; on return the model holds the best validation weights (LoRA merged)."""
+    """Train in place; on return the model holds the best validation weights (LoRA merged).
+
+    With a `teacher` (healing after compression) the loss adds knowledge distillation,
+    `heal.kd_weight · T² · KL(teacher_T ‖ student_T)`, and no best/last checkpoints are written: the
+    healed model is saved as a compressed checkpoint by the caller. `baseline_val` (the starting
+    weights' validation metrics) makes the starting point a candidate too: if no step beats it on
+    `select_metric`, the model ends with its starting weights, so healing never makes validation worse.
+    """
     tcfg, dcfg = cfg["train"], cfg["data"]
+    epochs = tcfg["epochs"] if epochs is None else epochs
+    save = phase == "train"
     select = tcfg["select_metric"]
-    if select not in SELECT_METRICS:
-        raise ValueError(f"train.select_metric must be one of {sorted(SELECT_METRICS)}, got {select!r}")
     batch_size, resolution = dcfg["batch_size"], dcfg["resolution"]
     steps_per_epoch = train_split.num_batches(batch_size, drop_last=True)
     if tcfg["max_train_batches"]:
         steps_per_epoch = min(steps_per_epoch, tcfg["max_train_batches"])
     if steps_per_epoch == 0:
         raise ValueError(f"the train split ({len(train_split)} patches) is smaller than one batch ({batch_size})")
-    total_steps = tcfg["epochs"] * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
     val_interval = max(1, round(tcfg["val_every"] * steps_per_epoch))
     precision = cfg["hardware"]["precision"]
 
@@ -104,11 +128,17 @@ def train(
     generator = torch.Generator().manual_seed(cfg["seed"])
     result = TrainResult()
     best_state = None
+    if baseline_val is not None:
+        result.best_val, result.best_step, best_state = baseline_val, 0, plain_state_dict(model)
     step, t0 = 0, time.time()
     model.to(device).train()
-    bar = tqdm(total=total_steps, desc="train", disable=None)
+    bar = tqdm(total=total_steps, desc=phase, disable=None)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+        temperature, kd_weight = cfg["heal"]["temperature"], cfg["heal"]["kd_weight"]
+    kd_window: list[float] = []
 
-    for epoch in range(tcfg["epochs"]):
+    for epoch in range(epochs):
         batches = train_split.batches(batch_size, shuffle=True, generator=generator, drop_last=True)
         for i, (images, labels) in enumerate(batches):
             if i >= steps_per_epoch:
@@ -123,6 +153,12 @@ def train(
             with autocast(device, precision):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=tcfg["label_smoothing"])
+            if teacher is not None:
+                with torch.no_grad(), autocast(device, precision):
+                    teacher_logits = teacher(x)
+                kd = distillation_loss(logits.float(), teacher_logits.float(), temperature)
+                kd_window.append(kd.item())
+                loss = loss + kd_weight * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg["grad_clip"]:
@@ -130,27 +166,30 @@ def train(
             optimizer.step()
             step += 1
             bar.update()
-            tracker.log({"train/loss": loss.item(), "train/lr_scale": lr_scale, "epoch": epoch}, step=step)
+            tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch}, step=step)
 
             if step % val_interval == 0 or i + 1 == steps_per_epoch:
                 val = validate(model, val_split, device, cfg)
                 model.train()
                 record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
+                if kd_window:
+                    record["kd_loss"] = float(np.mean(kd_window))
+                    kd_window = []
                 result.history.append(record)
-                tracker.log({f"val/{k}": v for k, v in val.items()}, step=step)
+                tracker.log({f"{phase}_val/{k}": v for k, v in val.items()}, step=step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
                 if is_better(select, val[select], result.best_val.get(select)):
                     result.best_val, result.best_step = val, step
                     payload = checkpoint_payload(model, cfg, step, val)
                     best_state = payload["model"]
-                    if tcfg["save_best"]:
+                    if save and tcfg["save_best"]:
                         io.torch_save(payload, run_dir / "best.pt")
                 result.last_val = val
     bar.close()
     result.steps, result.seconds = step, time.time() - t0
 
     merge_lora(model)
-    if tcfg["save_last"] and step:
+    if save and tcfg["save_last"] and step:
         io.torch_save(checkpoint_payload(model, cfg, step, result.last_val), run_dir / "last.pt")
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -15,8 +15,7 @@ STEPS = ("heads", "mlp", "svd")
 METHODS = ("none", *STEPS, "all")
 
 
-def compress(
-    model: nn.Module,
+def plan(
     method: str,
     tau: float | None,
     tau_heads: float | None = None,
@@ -24,12 +23,10 @@ def compress(
     tau_svd: float | None = None,
     order: Sequence[str] = STEPS,
     svd_targets: str | Iterable[str] = SVD_TARGETS,
-) -> dict[str, list[dict]]:
-    """Compress `model` in place with `method` (none|heads|mlp|svd|all) and return each step's report.
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Check every compression argument and return ({step: τ} in run order, svd targets).
 
-    A step's own τ (tau_heads, tau_mlp, tau_svd) overrides the common `tau`. "all" runs the three steps
-    in `order`. Everything is validated before the model is touched, so a bad argument leaves it intact.
-    """
+    Runs before anything else in a run, so a bad τ fails in a second, not after hours of training."""
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
     order = tuple(order)
@@ -47,10 +44,28 @@ def compress(
             raise ValueError(f"compression step {step!r} needs tau or tau_{step}")
         taus[step] = step_tau
     targets = resolve_targets(svd_targets) if "svd" in steps else ()
+    return taus, targets
 
+
+def compress(
+    model: nn.Module,
+    method: str,
+    tau: float | None,
+    tau_heads: float | None = None,
+    tau_mlp: float | None = None,
+    tau_svd: float | None = None,
+    order: Sequence[str] = STEPS,
+    svd_targets: str | Iterable[str] = SVD_TARGETS,
+) -> dict[str, list[dict]]:
+    """Compress `model` in place with `method` (none|heads|mlp|svd|all) and return each step's report.
+
+    A step's own τ (tau_heads, tau_mlp, tau_svd) overrides the common `tau`. "all" runs the three steps
+    in `order`. Everything is validated before the model is touched, so a bad argument leaves it intact.
+    """
+    taus, targets = plan(method, tau, tau_heads, tau_mlp, tau_svd, order, svd_targets)
     runners: dict[str, Callable[[float], list[dict]]] = {
         "heads": lambda t: prune_attention_heads(model, t),
         "mlp": lambda t: prune_mlp_neurons(model, t),
         "svd": lambda t: truncated_svd(model, t, targets),
     }
-    return {step: runners[step](taus[step]) for step in steps}
+    return {step: runners[step](tau) for step, tau in taus.items()}
