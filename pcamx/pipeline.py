@@ -33,7 +33,7 @@ from pcamx.model import build_model
 from pcamx.quant import check_quantization, quantize
 from pcamx.report.run_files import plot_roc, write_predictions
 from pcamx.tracking import Tracker
-from pcamx.train import TrainResult, train, validate
+from pcamx.train import TrainResult, distillation_gap, train, validate
 
 log = logging.getLogger("pcamx")
 METRIC_KEYS = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
@@ -212,11 +212,15 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.prune.heal_epochs > 0:
             unhealed_val = validate(model, data.valid, device, config)
             extra["before_heal"] = {**test_metrics(model, data, cfg, device, desc="test (unhealed)")[2],
-                                    "val": unhealed_val}
+                                    "val": unhealed_val,
+                                    "val_kd": distillation_gap(model, reference, data.valid, device, config)}
             groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
+            for group in groups:  # healing nudges a trained model: every group's lr, scaled down
+                group["lr"] *= cfg.heal.lr_scale
             healed = train(model, groups, data.train, data.valid, config, device, run_dir, tracker,
                            epochs=cfg.prune.heal_epochs, teacher=reference, phase="heal", baseline_val=unhealed_val)
             extra["heal"] = {"epochs": cfg.prune.heal_epochs, "best_step": healed.best_step, "val": healed.best_val,
+                             "val_kd": distillation_gap(model, reference, data.valid, device, config),
                              "history": healed.history}
             model.to(device).eval()
         save_compressed(model, run_dir / COMPRESSED_DIR, extra={

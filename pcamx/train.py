@@ -73,6 +73,21 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ) * t * t
 
 
+@torch.inference_mode()
+def distillation_gap(student: nn.Module, teacher: nn.Module, split: PCamSplit, device, cfg: Mapping[str, Any]) -> float:
+    """Mean distillation loss of `student` against `teacher` on a split (no augmentation, no TTA): how far
+    compression moved the model, and how much healing brought it back."""
+    student.eval(), teacher.eval()
+    total, n = 0.0, 0
+    for images, _ in split.batches(cfg["data"]["eval_batch_size"]):
+        x = preprocess(images.to(device), cfg["data"]["resolution"])
+        with autocast(device, cfg["hardware"]["precision"]):
+            s_logits, t_logits = student(x), teacher(x)
+        kd = distillation_loss(s_logits.float(), t_logits.float(), cfg["heal"]["temperature"])
+        total, n = total + kd.item() * len(images), n + len(images)
+    return total / max(n, 1)
+
+
 def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int, val: dict) -> dict:
     return {
         "model": plain_state_dict(model),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -41,3 +45,24 @@ def fast_overrides(root: Path, *extra: str) -> list[str]:
         "hardware=cpu",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """`python run.py experiment=demo`, exactly as `make demo` runs it (synthetic data under tmp).
+    The data lives in `<run_dir>/../synthetic`."""
+    tmp = tmp_path_factory.mktemp("demo")
+    run_dir = tmp / "run"
+    subprocess.run(
+        [sys.executable, "run.py", "experiment=demo", f"hydra.run.dir={run_dir}", f"data.root={tmp / 'synthetic'}"],
+        cwd=REPO, check=True, timeout=900,
+    )
+    return run_dir
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "label", "prob"]
+    assert [int(r["index"]) for r in rows] == list(range(len(rows)))
+    return np.array([int(r["label"]) for r in rows]), np.array([float(r["prob"]) for r in rows])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import REPO, compose_config, fast_overrides
+from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
 from pcamx.data.pcam import PCamSplit
 from pcamx.evaluate import predict
@@ -22,14 +19,6 @@ from pcamx.model import PCamClassifier, build_model
 
 METRIC_KEYS = {"auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll"}
 RUN_FILES = {"metrics.json", "predictions.csv", "roc.png", "best.pt", "last.pt", "resolved_config.yaml"}
-
-
-def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["index", "label", "prob"]
-    assert [int(r["index"]) for r in rows] == list(range(len(rows)))
-    return np.array([int(r["label"]) for r in rows]), np.array([float(r["prob"]) for r in rows])
 
 
 @pytest.mark.parametrize("method", ["head_only", "lora", "fullft"])
@@ -83,19 +72,6 @@ def test_failed_run_still_writes_metrics_json(tmp_path: Path) -> None:
         pipeline.run(cfg, run_dir=tmp_path / "run")
     failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "pcamx.data.download" in failed["error"]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """`python run.py experiment=demo`, exactly as `make demo` runs it (synthetic data cached in tmp)."""
-    tmp = tmp_path_factory.mktemp("demo")
-    run_dir = tmp / "run"
-    subprocess.run(
-        [sys.executable, "run.py", "experiment=demo", f"hydra.run.dir={run_dir}",
-         f"data.root={tmp / 'synthetic'}"],
-        cwd=REPO, check=True, timeout=600,
-    )
-    return run_dir
 
 
 def test_demo_writes_every_file_and_names_its_data(demo_run: Path) -> None:

@@ -1,0 +1,88 @@
+"""Compression inside a run: early validation, reloadable compressed checkpoints, healing, reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from conftest import compose_config, fast_overrides, read_predictions
+from pcamx import pipeline
+from pcamx.checkpoint import CheckpointError
+
+
+@pytest.mark.parametrize("override", ["prune.tau=1.5", "prune.tau=0", "prune.tau_mlp=-0.2"])
+def test_bad_tau_is_rejected_before_anything_runs(tmp_path: Path, override: str) -> None:
+    # The data root does not exist: the τ error must come first, before any data is read.
+    cfg = compose_config(*fast_overrides(tmp_path / "no-data", "prune=all", override))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        pipeline.run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_unknown_prune_method_errors() -> None:
+    with pytest.raises(ConfigCompositionException, match="prune"):
+        compose_config("prune=lottery")
+    cfg = compose_config("prune.method=lottery")
+    with pytest.raises(ValueError, match="heads, mlp, svd, all"):
+        pipeline.compression_plan(cfg.prune)
+
+
+@pytest.fixture(scope="module")
+def compressed_run(small_pcam: Path, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("compressed") / "run"
+    cfg = compose_config(*fast_overrides(small_pcam, "method=lora", "prune=all", "prune.tau=0.9",
+                                         "eval.tta=false"))
+    pipeline.run(cfg, run_dir=run_dir)
+    return run_dir
+
+
+def test_compressed_run_reports_reference_and_changes(compressed_run: Path) -> None:
+    m = json.loads((compressed_run / "metrics.json").read_text())
+    assert m["prune"]["method"] == "all" and m["prune"]["tau_heads"] == 0.9
+    assert set(m["compression"]) == {"heads", "mlp", "svd"}
+    ref = m["reference"]
+    assert m["params"] < ref["params"] and m["gflops"] <= ref["gflops"]
+    assert ref["change_pct"]["params"] == pytest.approx(100 * (m["params"] - ref["params"]) / ref["params"], abs=1e-3)
+    for key in ("latency_ms_b1", "throughput_ips", "auroc"):
+        assert key in m and key in ref
+    assert (compressed_run / "compressed" / "architecture.json").is_file()
+
+
+def test_checkpoint_rebuilds_compressed_model_exactly(compressed_run: Path, small_pcam: Path, tmp_path: Path) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={compressed_run}", "eval.tta=false"))
+    reloaded = pipeline.run(cfg, run_dir=tmp_path)
+    original = json.loads((compressed_run / "metrics.json").read_text())
+    assert reloaded["params"] == original["params"]
+    assert reloaded["checkpoint"]["kind"] == "compressed" and reloaded["train_steps"] == 0
+    assert "compression" not in reloaded  # rebuilt from the spec, not pruned again
+    np.testing.assert_allclose(read_predictions(tmp_path / "predictions.csv")[1],
+                               read_predictions(compressed_run / "predictions.csv")[1], atol=1e-6)
+
+
+def test_checkpoint_errors_are_clear(compressed_run: Path, small_pcam: Path, tmp_path: Path) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={tmp_path / 'nope'}"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        pipeline.run(cfg, run_dir=tmp_path / "a")
+    (tmp_path / "empty").mkdir()
+    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={tmp_path / 'empty'}"))
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        pipeline.run(cfg, run_dir=tmp_path / "b")
+    for ckpt in (compressed_run, compressed_run / "best.pt"):
+        cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={ckpt}", "model=dinov3_vits16"))
+        with pytest.raises(CheckpointError, match="model=dinov3_tiny checkpoint .* model=dinov3_vits16"):
+            pipeline.run(cfg, run_dir=tmp_path / "c")
+
+
+def test_healing_lowers_distillation_loss_and_keeps_val_auroc(demo_run: Path, tmp_path: Path) -> None:
+    cfg = compose_config("experiment=demo", f"data.root={demo_run.parent / 'synthetic'}",
+                         f"checkpoint={demo_run / 'best.pt'}", "prune=all", "prune.tau=0.5",
+                         "prune.heal_epochs=1", "eval.measure_speed=false")
+    m = pipeline.run(cfg, run_dir=tmp_path)
+    assert m["heal"]["val_kd"] < m["before_heal"]["val_kd"]  # closer to the uncompressed teacher
+    assert all("kd_loss" in record for record in m["heal"]["history"])
+    assert m["heal"]["val"]["auroc"] >= m["before_heal"]["val"]["auroc"]
+    assert {"auroc", "val"} <= set(m["before_heal"])
