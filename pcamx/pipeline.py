@@ -33,7 +33,7 @@ from pcamx.model import build_model
 from pcamx.quant import check_quantization, quantize
 from pcamx.report.run_files import plot_roc, write_predictions
 from pcamx.tracking import Tracker
-from pcamx.train import TrainResult, distillation_gap, train, validate
+from pcamx.train import RESUME_FILE, TrainResult, distillation_gap, train, validate
 
 log = logging.getLogger("pcamx")
 METRIC_KEYS = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
@@ -66,6 +66,21 @@ def load_data(dcfg: DictConfig) -> Data:
         for name in ("train", "valid", "test")
     }
     return Data(**splits, source=source)
+
+
+def wandb_names() -> dict[str, str]:
+    """In a sweep: W&B group = the sweep directory, run name = the job's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    name = hydra_cfg.job.override_dirname or hydra_cfg.job.name
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {"name": name}
+    sweep = Path(hydra_cfg.sweep.dir)
+    return {"name": name, "group": f"{sweep.parent.name}/{sweep.name}"}
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -190,7 +205,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model, started_from = load_checkpoint(cfg.checkpoint, cfg.model)
     else:
         model = build_model(cfg.model)
-    tracker = Tracker(cfg.wandb, config, run_dir)
+    tracker = Tracker(cfg.wandb, config, run_dir, **wandb_names())
 
     # train
     result = TrainResult()
@@ -265,5 +280,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker.summary({f"test/{k}": metrics[k] for k in METRIC_KEYS} | {"data": data.source})
     tracker.log_image("test/roc", roc)
     tracker.finish()
+    # The run is complete: the resumable state (model + optimizer) is no longer needed.
+    (run_dir / RESUME_FILE).unlink(missing_ok=True)
     print(f"\n{title} — results in {run_dir}\n{format_table(metrics)}")
     return metrics

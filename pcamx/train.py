@@ -4,6 +4,7 @@ clipping, label smoothing, bf16 autocast on CUDA, periodic validation, best/last
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ def train(
     """
     tcfg, dcfg = cfg["train"], cfg["data"]
     epochs = tcfg["epochs"] if epochs is None else epochs
-    save = phase == "train"
+    save = phase == "train"  # healing neither writes best/last nor resumes (the caller saves its result)
     select = tcfg["select_metric"]
     batch_size, resolution = dcfg["batch_size"], dcfg["resolution"]
     steps_per_epoch = train_split.num_batches(batch_size, drop_last=True)
@@ -135,38 +136,64 @@ def train(
         raise ValueError(f"the train split ({len(train_split)} patches) is smaller than one batch ({batch_size})")
     total_steps = epochs * steps_per_epoch
     val_interval = max(1, round(tcfg["val_every"] * steps_per_epoch))
+    checkpoint_every = tcfg.get("checkpoint_every") or 0
     precision = cfg["hardware"]["precision"]
 
     optimizer = torch.optim.AdamW(param_groups, lr=tcfg["lr"], fused=device.type == "cuda")
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
-    generator = torch.Generator().manual_seed(cfg["seed"])
+    # Augmentation draws from its own generator; the shuffle order of epoch e is a pure function of
+    # (seed, e). A resumed run can then replay the order and skip the batches it already trained on.
+    aug_generator = torch.Generator().manual_seed(cfg["seed"])
     result = TrainResult()
     best_state = None
     if baseline_val is not None:
         result.best_val, result.best_step, best_state = baseline_val, 0, plain_state_dict(model)
-    step, t0 = 0, time.time()
     model.to(device).train()
-    bar = tqdm(total=total_steps, desc=phase, disable=None)
+    forward = torch.compile(model) if cfg["hardware"].get("compile") else model
+    step = 0
+    if save:
+        state = load_resume_state(run_dir, cfg.get("resume", "auto"))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            aug_generator.set_state(state["aug_generator"])
+            set_rng_state(state["rng"])
+            step, best_state, result.history = state["step"], state["best_state"], state["history"]
+            result.best_val, result.best_step = state["best_val"], state["best_step"]
+            result.last_val = state["last_val"]
+    t0 = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc=phase, disable=None)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
         temperature, kd_weight = cfg["heal"]["temperature"], cfg["heal"]["kd_weight"]
     kd_window: list[float] = []
 
-    for epoch in range(epochs):
-        batches = train_split.batches(batch_size, shuffle=True, generator=generator, drop_last=True)
+    def save_resume_state() -> None:
+        io.torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "aug_generator": aug_generator.get_state(), "rng": get_rng_state(), "best_state": best_state,
+            "best_val": result.best_val, "best_step": result.best_step, "last_val": result.last_val,
+            "history": result.history,
+        }, run_dir / RESUME_FILE)
+
+    for epoch in range(step // steps_per_epoch, epochs):
+        order = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
+        batches = train_split.batches(batch_size, shuffle=True, generator=order, drop_last=True)
         for i, (images, labels) in enumerate(batches):
             if i >= steps_per_epoch:
                 break
+            if epoch * steps_per_epoch + i < step:
+                continue  # trained before the interruption
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            x = preprocess(images, resolution, augment=dcfg["augment"], generator=generator)
+            x = preprocess(images, resolution, augment=dcfg["augment"], generator=aug_generator)
 
             lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_scale
             with autocast(device, precision):
-                logits = model(x)
+                logits = forward(x)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=tcfg["label_smoothing"])
             if teacher is not None:
                 with torch.no_grad(), autocast(device, precision):
@@ -183,7 +210,8 @@ def train(
             bar.update()
             tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch}, step=step)
 
-            if step % val_interval == 0 or i + 1 == steps_per_epoch:
+            end_of_epoch = i + 1 == steps_per_epoch
+            if step % val_interval == 0 or end_of_epoch:
                 val = validate(model, val_split, device, cfg)
                 model.train()
                 record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
@@ -200,6 +228,8 @@ def train(
                     if save and tcfg["save_best"]:
                         io.torch_save(payload, run_dir / "best.pt")
                 result.last_val = val
+            if save and (end_of_epoch or (checkpoint_every and step % checkpoint_every == 0)):
+                save_resume_state()
     bar.close()
     result.steps, result.seconds = step, time.time() - t0
 
@@ -209,3 +239,41 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
+
+
+RESUME_FILE = "resume.pt"
+
+
+def get_rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_resume_state(run_dir: Path, resume: str | bool) -> dict[str, Any] | None:
+    """The interrupted run's state in `run_dir`, if this run should continue it.
+
+    resume=auto (default) continues whenever the run directory holds resume.pt — which happens only
+    when a directory is reused: a Slurm job requeued by submitit after preemption or timeout, or a run
+    started again with the same hydra.run.dir. resume=true insists on it; resume=false starts over."""
+    path = run_dir / RESUME_FILE
+    if resume is False or resume == "false":
+        return None
+    if not path.is_file():
+        if resume is True or resume == "true":
+            raise FileNotFoundError(
+                f"resume=true but {path} does not exist; point hydra.run.dir at the interrupted run's directory"
+            )
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
