@@ -205,6 +205,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model, started_from = load_checkpoint(cfg.checkpoint, cfg.model)
     else:
         model = build_model(cfg.model)
+    # A checkpoint's results are labelled with the method that trained it, not the config default.
+    method_name = (started_from or {}).get("method") or cfg.method.name
     tracker = Tracker(cfg.wandb, config, run_dir, **wandb_names())
 
     # train
@@ -239,7 +241,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                              "history": healed.history}
             model.to(device).eval()
         save_compressed(model, run_dir / COMPRESSED_DIR, extra={
-            "model_name": cfg.model.name, "method": cfg.method.name, "prune": extra["prune"]})
+            "model_name": cfg.model.name, "method": method_name, "prune": extra["prune"]})
     figures = footprint(model, cfg.data.resolution)
 
     # quantize
@@ -257,7 +259,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "n_test": int(len(labels)),
         "tta": bool(cfg.eval.tta),
         "data": data.source,
-        "method": cfg.method.name,
+        "method": method_name,
         "model": cfg.model.name,
         "quant": cfg.quant.mode,
         "prune": extra.pop("prune", {"method": "none"}),
