@@ -219,7 +219,8 @@ def train(
                     record["kd_loss"] = float(np.mean(kd_window))
                     kd_window = []
                 result.history.append(record)
-                tracker.log({f"{phase}_val/{k}": v for k, v in val.items()}, step=step)
+                val_prefix = "val" if phase == "train" else f"{phase}_val"
+                tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
                 if is_better(select, val[select], result.best_val.get(select)):
                     result.best_val, result.best_step = val, step
