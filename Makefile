@@ -9,7 +9,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python run.py experiment=demo
 
 test: $(VENV)/.installed-test
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check pcamx tests run.py

@@ -156,7 +156,7 @@ def compression_plan(pcfg: DictConfig) -> tuple[dict[str, float], tuple[str, ...
     return plan(pcfg.method, pcfg.tau, pcfg.tau_heads, pcfg.tau_mlp, pcfg.tau_svd, pcfg.order, pcfg.svd_targets)
 
 
-def test_metrics(model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, desc: str = "test"):
+def evaluate_test(model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, desc: str = "test"):
     labels, probs = predict(
         model, data.test, device, cfg.data.eval_batch_size, cfg.data.resolution,
         tta=cfg.eval.tta, precision=cfg.hardware.precision, desc=desc,
@@ -184,6 +184,48 @@ def relative_change(new: dict[str, Any], ref: dict[str, Any]) -> dict[str, float
         for k in ref
         if isinstance(ref.get(k), int | float) and isinstance(new.get(k), int | float) and ref[k]
     }
+
+
+def compress_stage(
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    data: Data,
+    cfg: DictConfig,
+    config: dict,
+    device: torch.device,
+    run_dir: Path,
+    tracker: Tracker,
+    method_name: str,
+) -> dict[str, Any]:
+    """Compress in place, heal if asked, save the compressed checkpoint; returns the metrics.json parts."""
+    if cfg.prune.method == "none":
+        return {}
+    p = cfg.prune
+    taus, targets = compression_plan(p)
+    extra: dict[str, Any] = {
+        "prune": {"method": p.method, **{f"tau_{k}": v for k, v in taus.items()}, "svd_targets": list(targets)},
+        "compression": compress(model, p.method, p.tau, p.tau_heads, p.tau_mlp, p.tau_svd, p.order, p.svd_targets),
+    }
+    if p.heal_epochs > 0:
+        unhealed_val = validate(model, data.valid, device, config)
+        extra["before_heal"] = {
+            **evaluate_test(model, data, cfg, device, desc="test (unhealed)")[2],
+            "val": unhealed_val,
+            "val_kd": distillation_gap(model, reference, data.valid, device, config),
+        }
+        groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
+        for group in groups:  # healing nudges a trained model: every group's lr, scaled down
+            group["lr"] *= cfg.heal.lr_scale
+        healed = train(model, groups, data.train, data.valid, config, device, run_dir, tracker,
+                       epochs=p.heal_epochs, teacher=reference, phase="heal", baseline_val=unhealed_val)
+        extra["heal"] = {
+            "epochs": p.heal_epochs, "best_step": healed.best_step, "val": healed.best_val,
+            "val_kd": distillation_gap(model, reference, data.valid, device, config), "history": healed.history,
+        }
+        model.to(device).eval()
+    save_compressed(model, run_dir / COMPRESSED_DIR,
+                    extra={"model_name": cfg.model.name, "method": method_name, "prune": extra["prune"]})
+    return extra
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -217,31 +259,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model.to(device).eval()
 
     # compress (+ heal); the uncompressed f32 model is kept as reference and distillation teacher
-    compressing, quantizing = cfg.prune.method != "none", cfg.quant.mode != "none"
-    reference = copy.deepcopy(model) if compressing or quantizing else None
-    extra: dict[str, Any] = {}
-    if compressing:
-        taus, targets = compression_plan(cfg.prune)
-        extra["compression"] = compress(model, cfg.prune.method, cfg.prune.tau, cfg.prune.tau_heads,
-                                        cfg.prune.tau_mlp, cfg.prune.tau_svd, cfg.prune.order, cfg.prune.svd_targets)
-        extra["prune"] = {"method": cfg.prune.method, **{f"tau_{k}": v for k, v in taus.items()},
-                          "svd_targets": list(targets)}
-        if cfg.prune.heal_epochs > 0:
-            unhealed_val = validate(model, data.valid, device, config)
-            extra["before_heal"] = {**test_metrics(model, data, cfg, device, desc="test (unhealed)")[2],
-                                    "val": unhealed_val,
-                                    "val_kd": distillation_gap(model, reference, data.valid, device, config)}
-            groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
-            for group in groups:  # healing nudges a trained model: every group's lr, scaled down
-                group["lr"] *= cfg.heal.lr_scale
-            healed = train(model, groups, data.train, data.valid, config, device, run_dir, tracker,
-                           epochs=cfg.prune.heal_epochs, teacher=reference, phase="heal", baseline_val=unhealed_val)
-            extra["heal"] = {"epochs": cfg.prune.heal_epochs, "best_step": healed.best_step, "val": healed.best_val,
-                             "val_kd": distillation_gap(model, reference, data.valid, device, config),
-                             "history": healed.history}
-            model.to(device).eval()
-        save_compressed(model, run_dir / COMPRESSED_DIR, extra={
-            "model_name": cfg.model.name, "method": method_name, "prune": extra["prune"]})
+    reference = copy.deepcopy(model) if cfg.prune.method != "none" or cfg.quant.mode != "none" else None
+    extra = compress_stage(model, reference, data, cfg, config, device, run_dir, tracker, method_name)
     figures = footprint(model, cfg.data.resolution)
 
     # quantize
@@ -249,10 +268,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     figures["memory_mb"] = round(memory_mb(model), 4)
 
     # evaluate
-    labels, probs, test = test_metrics(model, data, cfg, device)
+    labels, probs, test = evaluate_test(model, data, cfg, device)
     metrics: dict[str, Any] = {"status": "ok", **test, **figures, **speed(model, cfg, device)}
     if reference is not None:
-        ref = {**test_metrics(reference, data, cfg, device, desc="test (reference)")[2],
+        ref = {**evaluate_test(reference, data, cfg, device, desc="test (reference)")[2],
                **footprint(reference, cfg.data.resolution), **speed(reference, cfg, device)}
         metrics["reference"] = {**ref, "change_pct": relative_change(metrics, ref)}
     metrics.update({
@@ -276,7 +295,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # report
     write_predictions(run_dir / "predictions.csv", labels, probs)
-    title = f"{cfg.method.name} on {data.source}" + (" (synthetic stand-in, not PCam)" if data.source != "pcam" else "")
+    title = f"{method_name} on {data.source}" + (" (synthetic stand-in, not PCam)" if data.source != "pcam" else "")
     roc = plot_roc(run_dir / "roc.png", labels, probs, title)
     io.write_json(run_dir / "metrics.json", metrics)
     tracker.summary({f"test/{k}": metrics[k] for k in METRIC_KEYS} | {"data": data.source})
