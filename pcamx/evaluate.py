@@ -11,6 +11,11 @@ from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import NUM_DIHEDRAL, preprocess, tta_views
 from pcamx.hardware import autocast
 
+# On a CPU, big forwards are slower per image than small ones (cache-bound attention and GEMMs):
+# measured 2.2-2.5 vs 2.8-2.9 images/s for ViT-S/16 TTA on 2 cores (docs/benchmarks.md). Accelerators
+# get the whole 8-view batch in one forward.
+CPU_FORWARD_ROWS = 16
+
 
 @torch.inference_mode()
 def predict_batch(
@@ -20,9 +25,10 @@ def predict_batch(
     n = images.shape[0]
     x = tta_views(images, resolution) if tta else preprocess(images, resolution)
     x = x.to(next(model.parameters()).dtype)
+    rows = CPU_FORWARD_ROWS if images.device.type == "cpu" else len(x)
     with autocast(images.device, precision):
-        logits = model(x)
-    probs = torch.softmax(logits.float(), dim=-1)[:, 1]
+        logits = torch.cat([model(chunk).float() for chunk in x.split(rows)])
+    probs = torch.softmax(logits, dim=-1)[:, 1]
     if tta:
         # Views are stacked view-major, so row v·n + i is view v of image i.
         probs = probs.view(NUM_DIHEDRAL, n).mean(dim=0)

@@ -1,0 +1,229 @@
+"""The issue's targets, checked against a result, and the markdown summary printed after a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pcamx.methods import METHODS
+
+
+def _get(tree: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _ips(fig: Any) -> float | None:
+    return fig.get("images_per_s") if isinstance(fig, dict) else None
+
+
+def _target(name: str, description: str, value: float | None, threshold: float, applies: bool,
+            not_applicable: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    if not applies:
+        status = f"n/a ({not_applicable})"
+    elif value is None:
+        status = "n/a (section not run or failed)"
+    else:
+        status = "met" if value >= threshold else "not met"
+    return {"name": name, "description": description, "value": value, "threshold": threshold,
+            "status": status, "detail": detail or {}}
+
+
+def evaluate_targets(sections: dict[str, Any], device_type: str) -> list[dict[str, Any]]:
+    cuda, cpu = device_type == "cuda", device_type == "cpu"
+    train = sections.get("train") or {}
+    targets = [
+        _target("host_side", "host-side images/s, pcamx ÷ reference (reference: all CPU workers; pcamx: 1 process)",
+                _get(sections, "pipeline", "host", "ratio"), 100.0, True, ""),
+    ]
+
+    # CPU as the device, end to end (data and model together): evaluation with TTA and each training method.
+    end_to_end = {
+        "eval_tta_8views": _get(sections, "eval", "ratio", "8"),
+        **{f"train_{m}_eager": _get(train, m, "ratio_eager") for m in METHODS},
+    }
+    known = [v for v in end_to_end.values() if v is not None]
+    targets.append(_target("cpu_end_to_end", "CPU device, end to end: pcamx ÷ reference images/s, worst of TTA "
+                           "eval and the three training methods (no slower = ≥ 1)", min(known) if known else None,
+                           1.0, cpu, "CPU-device target", end_to_end))
+
+    targets.append(_target("gpu_eval_tta", "GPU: pcamx TTA images/s ÷ reference 6-view fp32 loop",
+                           _get(sections, "eval", "ratio", "6"), 5.0, cuda, "GPU target"))
+
+    per_method = {m: _get(train, m, "ratio") for m in METHODS}
+    known = [v for v in per_method.values() if v is not None]
+    targets.append(_target("gpu_training", "GPU: pcamx training images/s ÷ reference (worst method)",
+                           min(known) if known else None, 5.0, cuda, "GPU target", per_method))
+
+    training = [_ips(_get(train, m, k)) for m in METHODS for k in ("pcamx_eager", "pcamx_compiled")]
+    training = [v for v in training if v is not None]
+    pipeline = _ips(_get(sections, "pipeline", "train", "pcamx"))
+    value = pipeline / max(training) if pipeline is not None and training else None
+    targets.append(_target("pipeline_vs_training", "pcamx input pipeline (train mode) images/s ÷ fastest pcamx "
+                           "training images/s", value, 5.0, True, ""))
+    return targets
+
+
+# --- markdown -----------------------------------------------------------------------------------------
+
+
+def _n(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}×"
+
+
+def _iters(fig: dict[str, Any] | None) -> str:
+    if not isinstance(fig, dict) or "timed_iters" not in fig:
+        return "—"
+    return f"{sum(fig['timed_iters'])} ({'/'.join(map(str, fig['timed_iters']))})"
+
+
+def _mb(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1e6:,.0f} MB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _skip_or_error(section: Any) -> str | None:
+    if not isinstance(section, dict):
+        return "not run"
+    if "error" in section:
+        return f"error: {section['error']}"
+    if "skipped" in section:
+        return f"skipped: {section['skipped']}"
+    return None
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    meta, sections = doc["meta"], doc["sections"]
+    s = doc["settings"]
+    out = [
+        f"## pcamx bench: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+        f"{meta['threads']} threads, {s['model']} at {s['resolution']} px",
+        "",
+        f"Median of {s['timing']['repeats']} repeats; images/s; 'timed iters' = steps after warm-up "
+        f"(total (per repeat)). Reference DataLoader workers: {s['workers']}. Load average at start/end: "
+        f"{meta['loadavg_start']} / {meta['loadavg_end']}. Total {meta['total_s']:.0f} s.",
+    ]
+
+    sec = sections.get("pipeline")
+    out += ["", "### 1. Input pipeline (images/s ready on the device)"]
+    if (msg := _skip_or_error(sec)) is not None:
+        out.append(msg)
+    else:
+        rows = []
+        for mode in ("train", "eval"):
+            p, r = sec[mode]["pcamx"], sec[mode]["reference"]
+            rows.append([f"{mode}{' (augment)' if sec[mode]['augment'] else ''}", _n(_ips(p)), _n(_ips(r)),
+                         _x(sec[mode]["ratio"]), str(p["batch_size"]), _iters(p), _iters(r)])
+        h = sec["host"]
+        rows.append(["host side, train", _n(_ips(h["pcamx"])), _n(_ips(h["reference"])), _x(h["ratio"]),
+                     str(h["pcamx"]["batch_size"]), _iters(h["pcamx"]), _iters(h["reference"])])
+        out += _table(["figure", "pcamx", "reference", "ratio", "batch", "timed iters pcamx", "timed iters ref"],
+                      rows)
+        out.append(f"\nHost CPU time per image: pcamx {h['pcamx_us_per_image']:.2f} µs; reference "
+                   f"{h['reference_us_per_image_1core']:,.0f} µs on one core.")
+
+    sec = sections.get("eval")
+    out += ["", "### 2. Evaluation with 8-view TTA (images/s)"]
+    if (msg := _skip_or_error(sec)) is not None:
+        out.append(msg)
+    else:
+        p = sec["pcamx"]
+        rows = [[f"pcamx, 8 views batched, {p['precision']}", _n(_ips(p)), "—", str(p["batch_size"]), _iters(p)]]
+        if "pcamx_fp32" in sec:
+            q = sec["pcamx_fp32"]
+            rows.append(["pcamx, 8 views batched, fp32", _n(_ips(q)), "—", str(q["batch_size"]), _iters(q)])
+        for views, r in sec["reference"].items():
+            rows.append([f"reference, {views}-view loop, fp32", _n(_ips(r)), _x(sec["ratio"][views]),
+                         str(r["batch_size"]), _iters(r)])
+        out += _table(["figure", "images/s", "pcamx ÷ this", "batch", "timed iters"], rows)
+        e = sec["equivalence"]
+        out.append(f"\nSame probabilities: max |Δp| = {e['max_abs_diff']:.2e} over {e['images']} images "
+                   f"(atol {e['atol']:g}): {'pass' if e['passed'] else 'FAIL'}; p in "
+                   f"[{e['prob_min']:.3f}, {e['prob_max']:.3f}].")
+
+    sec = sections.get("train")
+    out += ["", "### 3. Training step (images/s)"]
+    if (msg := _skip_or_error(sec)) is not None:
+        out.append(msg)
+    else:
+        rows = []
+        for method, entry in sec.items():
+            if method not in METHODS:
+                continue
+            for key in ("pcamx_eager", "pcamx_compiled", "reference"):
+                fig = entry[key]
+                if "skipped" in fig:
+                    rows.append([method, key, f"skipped: {fig['skipped']}", "—", "—", "—", "—"])
+                    continue
+                r = _x(entry["ratio_eager"] if key == "pcamx_eager" else entry["ratio"]) if key != "reference" \
+                    else "1×"
+                rows.append([method, key, _n(_ips(fig)), r, fig["precision"], _mb(fig["peak_memory_bytes"]),
+                             _iters(fig)])
+        out += _table(["method", "pipeline", "images/s", "÷ reference", "precision", "peak memory", "timed iters"],
+                      rows)
+        first = next(iter(sec.values()))
+        out.append(f"\nBatch {first['pcamx_eager']['batch_size']}; peak memory kind: "
+                   f"{first['pcamx_eager']['peak_memory_kind']}.")
+
+    sec = sections.get("compress")
+    out += ["", "### 4. Compressed models (latency at batch 1, throughput at batch N)"]
+    if (msg := _skip_or_error(sec)) is not None:
+        out.append(msg)
+    else:
+        rows = []
+        for name, fig in sec["variants"].items():
+            if "skipped" in fig:
+                rows.append([name, fig["skipped"], "—", "—", "—", "—"])
+                continue
+            rows.append([name, f"{fig['params'] / 1e6:.2f} M", _n(fig.get("gflops")), _n(fig["latency_ms"]),
+                         _n(_ips(fig)), f"{_x(fig['speedup_latency'])} / {_x(fig['speedup_throughput'])}"])
+        out += _table(["variant", "params", "GFLOPs", "latency ms", "images/s", "speedup lat / thr"], rows)
+        any_fig = next(f for f in sec["variants"].values() if "throughput" in f)
+        out.append(f"\nN = {any_fig['throughput']['batch_size']}.")
+        if sec.get("note"):
+            out.append(f"Note: {sec['note']}.")
+
+    sec = sections.get("mfu")
+    out += ["", "### 5. Model FLOPs utilization"]
+    if (msg := _skip_or_error(sec)) is not None:
+        out.append(msg)
+    else:
+        rows = [[f"{kind}: {name}", _n(e["images_per_s"]), _n(e["achieved_tflops"]),
+                 "—" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"]
+                for kind in ("train", "inference") for name, e in sec[kind].items()]
+        out += _table(["figure", "images/s", "achieved TFLOP/s", "MFU"], rows)
+        out.append(f"\nPeak bf16 dense: {sec['peak_tflops_bf16']} TFLOP/s; forward {sec['forward_gflops']:.2f} "
+                   f"GFLOPs/image ({sec['convention']}).")
+
+    sec = sections.get("load")
+    out += ["", "### data.in_memory load"]
+    if (msg := _skip_or_error(sec)) is not None:
+        out.append(msg)
+    else:
+        out.append(f"{sec['images']:,} images in {sec['load_s']:.2f} s ({_n(sec['images_per_s'])} images/s), "
+                   f"{sec['bytes'] / 1e6:,.0f} MB in RAM (file {sec['file_bytes'] / 1e6:,.0f} MB); per-sample "
+                   f"h5py reads: {sec['per_sample_read_us']:,.0f} µs each, ~{sec['per_sample_estimate_s']:,.0f} s "
+                   f"for the split ({_x(sec['ratio'])} slower).")
+
+    out += ["", "### Targets"]
+    rows = [[t["name"], t["description"], _x(t["value"]), f"≥ {t['threshold']:g}×", t["status"]]
+            for t in doc["targets"]]
+    out += _table(["target", "what", "value", "threshold", "status"], rows)
+    for t in doc["targets"]:
+        if t["detail"]:
+            out.append(f"\n{t['name']}: " + ", ".join(f"{k} {_x(v)}" for k, v in t["detail"].items()))
+    return "\n".join(out) + "\n"

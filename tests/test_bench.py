@@ -1,0 +1,104 @@
+"""Smoke test of `python -m pcamx.bench`: one step per figure on CPU with the tiny model at 32 px.
+
+Only the shape of bench.json is checked; timings on a shared CI machine mean nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pcamx.bench import main
+from pcamx.bench.sections import SECTIONS
+from pcamx.methods import METHODS
+
+CONDITIONS = ("device", "threads", "torch", "batch_size", "resolution")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _check_figure(fig: dict, batch_size: int) -> None:
+    assert _positive(fig["images_per_s"]), fig
+    for key in CONDITIONS:
+        assert key in fig, (key, fig)
+    assert fig["device"] == "cpu" and fig["resolution"] == 32 and fig["batch_size"] == batch_size
+    assert fig["timed_iters"] == [1] and fig["repeats"] == 1 and fig["warmup_iters"] >= 1
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["--device", "cpu", "--model", "tiny", "--resolution", "32", "--batch-size", "4",
+            "--eval-batch-size", "4", "--workers", "1", "--threads", "1", "--quick", "--out", str(out)]
+    code = main(argv)
+    doc = json.loads(out.read_text())
+    assert code == 0, {k: v.get("error") for k, v in doc["sections"].items()}
+    return doc
+
+
+def test_every_section_present(bench):
+    sections = bench["sections"]
+    assert set(sections) == set(SECTIONS)
+    for name, section in sections.items():
+        assert "error" not in section, (name, section.get("traceback"))
+    assert sections["mfu"] == {"skipped": "no CUDA", "section_s": sections["mfu"]["section_s"]}
+    assert bench["meta"]["device"] == "cpu" and bench["meta"]["torch"]
+    assert bench["settings"]["quick"] and bench["settings"]["resolution"] == 32
+
+
+def test_pipeline_and_eval_figures(bench):
+    pipeline = bench["sections"]["pipeline"]
+    for mode in ("train", "eval"):
+        for side in ("pcamx", "reference"):
+            _check_figure(pipeline[mode][side], 4)
+        assert _positive(pipeline[mode]["ratio"])
+    for side in ("pcamx", "reference", "reference_1core"):
+        _check_figure(pipeline["host"][side], 4)
+    assert _positive(pipeline["host"]["ratio"]) and _positive(pipeline["host"]["reference_us_per_image_1core"])
+
+    ev = bench["sections"]["eval"]
+    _check_figure(ev["pcamx"], 4)
+    _check_figure(ev["reference"]["8"], 4)
+    # Identical views through both pipelines: the probabilities must agree.
+    assert ev["equivalence"]["passed"], ev["equivalence"]
+    assert ev["equivalence"]["prob_max"] - ev["equivalence"]["prob_min"] > 1e-3  # not all 0.5
+
+
+def test_train_figures(bench):
+    train = bench["sections"]["train"]
+    for method in METHODS:
+        entry = train[method]
+        _check_figure(entry["pcamx_eager"], 4)
+        _check_figure(entry["reference"], 4)
+        assert entry["pcamx_compiled"]["skipped"]  # --quick skips compilation, with a reason
+        assert entry["pcamx_eager"]["trainable_params"] > 0
+        assert entry["pcamx_eager"]["peak_memory_kind"] in ("cpu_rss_delta", None)
+    assert train["head_only"]["pcamx_eager"]["trainable_params"] < train["fullft"]["pcamx_eager"]["trainable_params"]
+
+
+def test_compress_and_load(bench):
+    variants = bench["sections"]["compress"]["variants"]
+    assert {"uncompressed", "heads", "mlp", "svd", "all", "bf16", "int8"} <= set(variants)
+    for name, fig in variants.items():
+        if "skipped" in fig:
+            assert name in ("bf16", "int8")
+            continue
+        assert _positive(fig["latency_ms"]) and _positive(fig["images_per_s"]) and fig["params"] > 0
+        assert fig["latency"]["batch_size"] == 1 and fig["throughput"]["batch_size"] == 4
+    assert variants["all"]["params"] <= variants["uncompressed"]["params"]
+
+    load = bench["sections"]["load"]
+    assert load["images"] == 512 and load["bytes"] >= 512 * 96 * 96 * 3
+    assert _positive(load["load_s"]) and _positive(load["per_sample_read_us"])
+
+
+def test_targets_reported(bench):
+    names = {t["name"]: t for t in bench["targets"]}
+    assert set(names) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training"}
+    for target in names.values():
+        assert target["status"] in ("met", "not met") or target["status"].startswith("n/a")
+    assert names["gpu_eval_tta"]["status"].startswith("n/a")  # CPU run
+    assert names["host_side"]["value"] is not None
