@@ -70,7 +70,7 @@ def lora_target_modules(backbone: nn.Module, targets: list[str]) -> list[str]:
 
 def _decay_split(params: list[nn.Parameter], lr: float, weight_decay: float, label: str) -> list[dict]:
     # Standard ViT practice: no weight decay on norms, biases and tokens (1-D / token tensors).
-    decay = [p for p in params if p.ndim >= 2 and p.shape[:2] != (1, 1)]
+    decay = [p for p in params if p.ndim >= 2 and not (p.ndim == 3 and p.shape[0] == 1)]  # (1, n, D): tokens
     ids = {id(p) for p in decay}
     no_decay = [p for p in params if id(p) not in ids]
     groups = []

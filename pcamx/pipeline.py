@@ -96,7 +96,7 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
 def footprint(model: torch.nn.Module, resolution: int) -> dict[str, float]:
     return {
         "params": count_params(model),
-        "gflops": round(gflops(model, resolution), 4),
+        "gflops": round(gflops(model, resolution, device=next(model.parameters()).device), 4),
         "memory_mb": round(memory_mb(model), 4),
     }
 
@@ -156,20 +156,24 @@ def compression_plan(pcfg: DictConfig) -> tuple[dict[str, float], tuple[str, ...
     return plan(pcfg.method, pcfg.tau, pcfg.tau_heads, pcfg.tau_mlp, pcfg.tau_svd, pcfg.order, pcfg.svd_targets)
 
 
-def evaluate_test(model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, desc: str = "test"):
+def evaluate_test(
+    model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, desc: str = "test",
+    precision: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     labels, probs = predict(
         model, data.test, device, cfg.data.eval_batch_size, cfg.data.resolution,
-        tta=cfg.eval.tta, precision=cfg.hardware.precision, desc=desc,
+        tta=cfg.eval.tta, precision=precision or cfg.hardware.precision, desc=desc,
     )
     return labels, probs, binary_metrics(labels, probs)
 
 
-def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precision: str | None = None
+          ) -> dict[str, float]:
     """Latency at batch 1 and throughput at the eval batch size, model forward only, after warm-up."""
     if not cfg.eval.measure_speed:
         return {}
     res, warmup, iters = cfg.data.resolution, cfg.eval.speed_warmup, cfg.eval.speed_iters
-    with autocast(device, cfg.hardware.precision):
+    with autocast(device, precision or cfg.hardware.precision):
         return {
             "latency_ms_b1": round(latency_ms(model, torch.randn(1, 3, res, res, device=device), warmup, iters), 4),
             "throughput_ips": round(throughput_ips(
@@ -196,6 +200,7 @@ def compress_stage(
     run_dir: Path,
     tracker: Tracker,
     method_name: str,
+    trained_steps: int = 0,
 ) -> dict[str, Any]:
     """Compress in place, heal if asked, save the compressed checkpoint; returns the metrics.json parts."""
     if cfg.prune.method == "none":
@@ -207,6 +212,11 @@ def compress_stage(
         "compression": compress(model, p.method, p.tau, p.tau_heads, p.tau_mlp, p.tau_svd, p.order, p.svd_targets),
     }
     if p.heal_epochs > 0:
+        if method_name != cfg.method.name:
+            raise ValueError(
+                f"the checkpoint was trained with method={method_name}, but healing would train it with "
+                f"method={cfg.method.name}; add method={method_name} (healing uses the method's parameters and lrs)"
+            )
         unhealed_val = validate(model, data.valid, device, config)
         extra["before_heal"] = {
             **evaluate_test(model, data, cfg, device, desc="test (unhealed)")[2],
@@ -217,7 +227,8 @@ def compress_stage(
         for group in groups:  # healing nudges a trained model: every group's lr, scaled down
             group["lr"] *= cfg.heal.lr_scale
         healed = train(model, groups, data.train, data.valid, config, device, run_dir, tracker,
-                       epochs=p.heal_epochs, teacher=reference, phase="heal", baseline_val=unhealed_val)
+                       epochs=p.heal_epochs, teacher=reference, phase="heal", baseline_val=unhealed_val,
+                       step_offset=trained_steps)
         extra["heal"] = {
             "epochs": p.heal_epochs, "best_step": healed.best_step, "val": healed.best_val,
             "val_kd": distillation_gap(model, reference, data.valid, device, config), "history": healed.history,
@@ -260,19 +271,21 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # compress (+ heal); the uncompressed f32 model is kept as reference and distillation teacher
     reference = copy.deepcopy(model) if cfg.prune.method != "none" or cfg.quant.mode != "none" else None
-    extra = compress_stage(model, reference, data, cfg, config, device, run_dir, tracker, method_name)
+    extra = compress_stage(model, reference, data, cfg, config, device, run_dir, tracker, method_name, result.steps)
     figures = footprint(model, cfg.data.resolution)
 
     # quantize
     model = quantize(model, cfg.quant.mode, device)
     figures["memory_mb"] = round(memory_mb(model), 4)
 
-    # evaluate
-    labels, probs, test = evaluate_test(model, data, cfg, device)
-    metrics: dict[str, Any] = {"status": "ok", **test, **figures, **speed(model, cfg, device)}
+    # evaluate. A quantized model runs in its own dtype (no autocast on top), and the reference is the
+    # uncompressed model in plain f32, so bf16/int8 rows show what quantization changes.
+    precision = "fp32" if cfg.quant.mode != "none" else cfg.hardware.precision
+    labels, probs, test = evaluate_test(model, data, cfg, device, precision=precision)
+    metrics: dict[str, Any] = {"status": "ok", **test, **figures, **speed(model, cfg, device, precision)}
     if reference is not None:
-        ref = {**evaluate_test(reference, data, cfg, device, desc="test (reference)")[2],
-               **footprint(reference, cfg.data.resolution), **speed(reference, cfg, device)}
+        ref = {**evaluate_test(reference, data, cfg, device, desc="test (reference)", precision="fp32")[2],
+               **footprint(reference, cfg.data.resolution), **speed(reference, cfg, device, "fp32")}
         metrics["reference"] = {**ref, "change_pct": relative_change(metrics, ref)}
     metrics.update({
         "n_test": int(len(labels)),

@@ -23,7 +23,7 @@ from pcamx.data.transforms import preprocess
 from pcamx.evaluate import predict
 from pcamx.hardware import autocast
 from pcamx.methods import merge_lora, plain_state_dict
-from pcamx.metrics import binary_metrics, is_better
+from pcamx.metrics import METRIC_ALIASES, binary_metrics, is_better
 from pcamx.model import PCamClassifier
 from pcamx.tracking import Tracker
 
@@ -115,6 +115,7 @@ def train(
     teacher: nn.Module | None = None,
     phase: str = "train",
     baseline_val: dict[str, float] | None = None,
+    step_offset: int = 0,
 ) -> TrainResult:
     """Train in place; on return the model holds the best validation weights (LoRA merged).
 
@@ -127,7 +128,7 @@ def train(
     tcfg, dcfg = cfg["train"], cfg["data"]
     epochs = tcfg["epochs"] if epochs is None else epochs
     save = phase == "train"  # healing neither writes best/last nor resumes (the caller saves its result)
-    select = tcfg["select_metric"]
+    select = METRIC_ALIASES.get(tcfg["select_metric"], tcfg["select_metric"])
     batch_size, resolution = dcfg["batch_size"], dcfg["resolution"]
     steps_per_epoch = train_split.num_batches(batch_size, drop_last=True)
     if tcfg["max_train_batches"]:
@@ -167,7 +168,7 @@ def train(
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
         temperature, kd_weight = cfg["heal"]["temperature"], cfg["heal"]["kd_weight"]
-    kd_window: list[float] = []
+    kd_window: list[torch.Tensor] = []
 
     def save_resume_state() -> None:
         io.torch_save({
@@ -199,7 +200,7 @@ def train(
                 with torch.no_grad(), autocast(device, precision):
                     teacher_logits = teacher(x)
                 kd = distillation_loss(logits.float(), teacher_logits.float(), temperature)
-                kd_window.append(kd.item())
+                kd_window.append(kd.detach())
                 loss = loss + kd_weight * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -208,7 +209,9 @@ def train(
             optimizer.step()
             step += 1
             bar.update()
-            tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch}, step=step)
+            if step % LOG_EVERY == 0:  # .item() waits for the GPU: not every step
+                tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch},
+                            step=step_offset + step)
 
             end_of_epoch = i + 1 == steps_per_epoch
             if step % val_interval == 0 or end_of_epoch:
@@ -216,11 +219,11 @@ def train(
                 model.train()
                 record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
                 if kd_window:
-                    record["kd_loss"] = float(np.mean(kd_window))
+                    record["kd_loss"] = torch.stack(kd_window).mean().item()
                     kd_window = []
                 result.history.append(record)
                 val_prefix = "val" if phase == "train" else f"{phase}_val"
-                tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step)
+                tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step_offset + step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
                 if is_better(select, val[select], result.best_val.get(select)):
                     result.best_val, result.best_step = val, step
@@ -243,6 +246,7 @@ def train(
 
 
 RESUME_FILE = "resume.pt"
+LOG_EVERY = 10  # steps between training-loss logs
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -77,11 +77,20 @@ def test_checkpoint_errors_are_clear(compressed_run: Path, small_pcam: Path, tmp
             pipeline.run(cfg, run_dir=tmp_path / "c")
 
 
+def test_healing_a_checkpoint_needs_its_training_method(compressed_run: Path, small_pcam: Path,
+                                                        tmp_path: Path) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={compressed_run / 'best.pt'}", "prune=mlp",
+                                         "prune.heal_epochs=1", "method=fullft"))
+    with pytest.raises(ValueError, match="trained with method=lora.*add method=lora"):
+        pipeline.run(cfg, run_dir=tmp_path)
+
+
 def test_healing_lowers_distillation_loss_and_keeps_val_auroc(demo_run: Path, tmp_path: Path) -> None:
     cfg = compose_config("experiment=demo", f"data.root={demo_run.parent / 'synthetic'}",
                          f"checkpoint={demo_run / 'best.pt'}", "prune=all", "prune.tau=0.5",
                          "prune.heal_epochs=1", "eval.measure_speed=false")
     m = pipeline.run(cfg, run_dir=tmp_path)
+    assert m["heal"]["best_step"] > 0  # a healed state won on val, not the unhealed starting point
     assert m["heal"]["val_kd"] < m["before_heal"]["val_kd"]  # closer to the uncompressed teacher
     assert all("kd_loss" in record for record in m["heal"]["history"])
     assert m["heal"]["val"]["auroc"] >= m["before_heal"]["val"]["auroc"]

@@ -102,6 +102,9 @@ def test_fullft_trains_everything_with_two_learning_rates() -> None:
     assert {g["lr"] for g in groups} == {1e-3, 1e-5}
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.head.weight) in decayed and id(model.head.bias) not in decayed
+    tokens = model.backbone.embeddings
+    assert not {id(tokens.cls_token), id(tokens.register_tokens), id(tokens.mask_token)} & decayed
+    assert id(tokens.patch_embeddings.weight) in decayed
 
 
 def test_unset_learning_rates_fall_back_to_train_lr() -> None:

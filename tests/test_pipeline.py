@@ -66,6 +66,15 @@ def test_real_vits16_loading_path_reports_its_size(small_pcam: Path, tmp_path: P
     assert round(metrics["params"] / 1e6, 2) == 21.60
 
 
+@pytest.mark.parametrize("select", ["sens95", "val_loss", "ece"])
+def test_every_select_metric_picks_a_checkpoint(small_pcam: Path, tmp_path: Path, select: str) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, f"train.select_metric={select}", "train.val_every=0.5",
+                                         "eval.measure_speed=false"))
+    metrics = pipeline.run(cfg, run_dir=tmp_path)
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert ckpt["step"] == metrics["best_step"] and ckpt["val_metrics"] == metrics["val"]
+
+
 def test_failed_run_still_writes_metrics_json(tmp_path: Path) -> None:
     cfg = compose_config(*fast_overrides(tmp_path / "no-data"))
     with pytest.raises(Exception, match="missing PCam file"):

@@ -17,11 +17,14 @@ class FakeRun:
     def __init__(self, **kwargs):
         self.init = kwargs
         self.logged: list[dict] = []
+        self.steps: list[int] = []
         self.summary: dict = {}
         self.finished = False
 
     def log(self, values, step=None):
         self.logged.append(values)
+        if step is not None:
+            self.steps.append(step)
 
     def finish(self):
         self.finished = True
@@ -53,7 +56,9 @@ def test_disabled_by_config_or_environment(fake_wandb, monkeypatch, tmp_path: Pa
 
 def test_a_run_logs_config_curves_metrics_and_roc(fake_wandb, monkeypatch, small_pcam: Path, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_config(*fast_overrides(small_pcam, "wandb.enabled=true", "wandb.project=pcamx-test"))
+    # Training, then compression with healing: W&B drops any step lower than one it has seen.
+    cfg = compose_config(*fast_overrides(small_pcam, "wandb.enabled=true", "wandb.project=pcamx-test",
+                                         "train.epochs=2", "train.max_train_batches=0", "prune=mlp", "prune.heal_epochs=1"))
     pipeline.run(cfg, run_dir=tmp_path)
     (run,) = fake_wandb.runs
     assert run.init["project"] == "pcamx-test" and run.init["config"]["method"]["name"] == "head_only"
@@ -61,3 +66,4 @@ def test_a_run_logs_config_curves_metrics_and_roc(fake_wandb, monkeypatch, small
     assert {"train/loss", "val/auroc"} <= keys and "test/roc" in keys
     assert run.summary["test/auroc"] > 0 and run.summary["data"] == "synthetic"
     assert run.finished
+    assert run.steps == sorted(run.steps) and max(run.steps) > 16  # heal steps continue after training

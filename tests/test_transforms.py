@@ -12,7 +12,6 @@ from pcamx.data.transforms import (
     dihedral_views,
     preprocess,
     random_dihedral,
-    tta_views,
 )
 from pcamx.evaluate import predict_batch
 from pcamx.model import PCamClassifier, tiny_config
@@ -96,7 +95,10 @@ def test_tta_batched_equals_loop_over_views() -> None:
     images = random_images(5, seed=1)
     model = tiny_classifier()
     batched = predict_batch(model, images, 48, tta=True)
-    views = tta_views(images, 48).view(8, 5, 3, 48, 48)
+    # Views built independently: transform each uint8 image, then preprocess it alone.
+    nchw = images.permute(0, 3, 1, 2)
     with torch.inference_mode():
-        loop = torch.stack([torch.softmax(model(v), -1)[:, 1] for v in views]).mean(0)
+        loop = torch.stack([
+            torch.softmax(model(preprocess(dihedral(nchw, k).permute(0, 2, 3, 1), 48)), -1)[:, 1] for k in range(8)
+        ]).mean(0)
     torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)

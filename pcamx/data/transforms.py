@@ -41,12 +41,14 @@ def dihedral_views(x: torch.Tensor) -> torch.Tensor:
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image of an NCHW batch gets its own random D4 element (8 masked ops, not N)."""
-    ks = torch.randint(0, NUM_DIHEDRAL, (x.shape[0],), generator=generator, device="cpu").to(x.device)
+    # Indices are drawn and grouped on the host, so no step here waits for the device.
+    ks = torch.randint(0, NUM_DIHEDRAL, (x.shape[0],), generator=generator)
     out = torch.empty_like(x)
     for k in range(NUM_DIHEDRAL):
-        sel = ks == k
-        if sel.any():
-            out[sel] = dihedral(x[sel], k)
+        idx = (ks == k).nonzero().squeeze(1)
+        if len(idx):
+            idx = idx.to(x.device, non_blocking=True)
+            out.index_copy_(0, idx, dihedral(x.index_select(0, idx), k))
     return out
 
 
