@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 
+from pcamx import io
 from pcamx.compress.heads import keep_attention_heads
 from pcamx.compress.mlp import keep_mlp_neurons
 from pcamx.compress.svd import LowRankLinear
@@ -62,19 +61,6 @@ def architecture_spec(model: PCamClassifier) -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    # A crash mid-write must never leave a truncated file under the final name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `model.safetensors` and `architecture.json` (plus `extra` under "extra") into `directory`."""
     spec = architecture_spec(model)
@@ -86,8 +72,9 @@ def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: 
     text = json.dumps(spec, indent=2, sort_keys=True)
 
     # Weights first, so a new directory never holds an architecture.json without its weights.
-    _write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=_METADATA))
-    _write_atomically(directory / ARCHITECTURE_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    with io.atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata=_METADATA)
+    io.write_text(directory / ARCHITECTURE_FILE, text + "\n")
     return directory
 
 
