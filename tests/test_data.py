@@ -132,3 +132,12 @@ def test_write_synthetic_replaces_atomically(tmp_path: Path) -> None:
     write_synthetic(root, {"train": 16, "valid": 8, "test": 8}, seed=1)
     assert len(PCamSplit.load(root, "train")) == 16
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp dirs left behind
+
+
+def test_synthetic_cli_writes_the_official_layout(tmp_path: Path, capsys) -> None:
+    from pcamx.data.synthetic import main
+
+    main(["--root", str(tmp_path / "syn"), "--n-train", "16", "--n-valid", "8", "--n-test", "8", "--seed", "2"])
+    assert "not PCam data" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "syn").glob("*.h5")) == sorted(all_file_names())
+    assert len(PCamSplit.load(tmp_path / "syn", "train")) == 16 and is_synthetic(tmp_path / "syn")

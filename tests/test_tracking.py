@@ -58,7 +58,8 @@ def test_a_run_logs_config_curves_metrics_and_roc(fake_wandb, monkeypatch, small
     monkeypatch.setenv("WANDB_MODE", "offline")
     # Training, then compression with healing: W&B drops any step lower than one it has seen.
     cfg = compose_config(*fast_overrides(small_pcam, "wandb.enabled=true", "wandb.project=pcamx-test",
-                                         "train.epochs=2", "train.max_train_batches=0", "prune=mlp", "prune.heal_epochs=1"))
+                                         "train.epochs=2", "train.max_train_batches=0", "prune=mlp",
+                                         "prune.heal_epochs=1"))
     pipeline.run(cfg, run_dir=tmp_path)
     (run,) = fake_wandb.runs
     assert run.init["project"] == "pcamx-test" and run.init["config"]["method"]["name"] == "head_only"
