@@ -64,6 +64,47 @@ def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any]) -> dict[st
     return metrics
 
 
+def train_step(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    resolution: int,
+    augment: bool,
+    generator: torch.Generator,
+    precision: str,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+    teacher: nn.Module | None = None,
+    temperature: float = 1.0,
+    kd_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on a uint8 CPU batch: to the device, batched augmentation there, autocast
+    forward, (distilled) loss, clip, step. Returns the detached loss and distillation term, on the
+    device (no host sync here)."""
+    device = optimizer.param_groups[0]["params"][0].device
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    x = preprocess(images, resolution, augment=augment, generator=generator)
+    with autocast(device, precision):
+        logits = forward(x)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    kd = None
+    if teacher is not None:
+        with torch.no_grad(), autocast(device, precision):
+            teacher_logits = teacher(x)
+        kd = distillation_loss(logits.float(), teacher_logits.float(), temperature)
+        loss = loss + kd_weight * kd
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.detach(), None if kd is None else kd.detach()
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean (Hinton et al.; T² keeps gradients
     comparable across temperatures)."""
@@ -167,7 +208,6 @@ def train(
     bar = tqdm(total=total_steps, initial=step, desc=phase, disable=None)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-        temperature, kd_weight = cfg["heal"]["temperature"], cfg["heal"]["kd_weight"]
     kd_window: list[torch.Tensor] = []
 
     def save_resume_state() -> None:
@@ -186,27 +226,18 @@ def train(
                 break
             if epoch * steps_per_epoch + i < step:
                 continue  # trained before the interruption
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            x = preprocess(images, resolution, augment=dcfg["augment"], generator=aug_generator)
-
             lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_scale
-            with autocast(device, precision):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=tcfg["label_smoothing"])
-            if teacher is not None:
-                with torch.no_grad(), autocast(device, precision):
-                    teacher_logits = teacher(x)
-                kd = distillation_loss(logits.float(), teacher_logits.float(), temperature)
-                kd_window.append(kd.detach())
-                loss = loss + kd_weight * kd
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
-            optimizer.step()
+            loss, kd = train_step(
+                forward, optimizer, images, labels, resolution=resolution, augment=dcfg["augment"],
+                generator=aug_generator, precision=precision, label_smoothing=tcfg["label_smoothing"],
+                grad_clip=tcfg["grad_clip"], teacher=teacher,
+                temperature=cfg["heal"]["temperature"] if teacher is not None else 1.0,
+                kd_weight=cfg["heal"]["kd_weight"] if teacher is not None else 0.0,
+            )
+            if kd is not None:
+                kd_window.append(kd)
             step += 1
             bar.update()
             if step % LOG_EVERY == 0:  # .item() waits for the GPU: not every step

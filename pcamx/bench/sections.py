@@ -15,7 +15,6 @@ from typing import Any
 
 import h5py
 import torch
-import torch.nn.functional as F
 from torch.utils.data import default_collate
 from transformers import DINOv3ViTModel
 
@@ -34,10 +33,10 @@ from pcamx.data.pcam import SLAB_ROWS, PCamSplit, split_paths
 from pcamx.data.transforms import NUM_DIHEDRAL, preprocess
 from pcamx.evaluate import predict_batch
 from pcamx.footprint import count_params, gflops, latency_ms, throughput_ips
-from pcamx.hardware import autocast
 from pcamx.methods import METHODS, apply_method
 from pcamx.model import PCamClassifier, build_model, tiny_config, vits16_config
 from pcamx.quant import quantize
+from pcamx.train import train_step
 
 EQUIVALENCE_ATOL = 1e-4
 COMPRESSED_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -336,19 +335,10 @@ def _pcamx_train(b: Bench, method: str, compiled: bool) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(s.seed)
 
         def step() -> int:
-            # pcamx.train's loop body: uint8 to the device, batched augmentation there, autocast, clip.
+            # pcamx.train's own step: uint8 to the device, batched augmentation there, autocast, clip.
             images, labels = next(batches)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            x = preprocess(images, s.resolution, augment=True, generator=generator)
-            with autocast(device, s.precision):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            loss.item()  # pcamx.train logs the loss every step
+            train_step(forward, optimizer, images, labels, resolution=s.resolution, augment=True,
+                       generator=generator, precision=s.precision, label_smoothing=0.05, grad_clip=1.0)
             return len(images)
 
         # Compilation happens in the first steps (forward, then backward graphs): keep them out of the clock.
