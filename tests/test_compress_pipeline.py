@@ -95,3 +95,12 @@ def test_healing_lowers_distillation_loss_and_keeps_val_auroc(demo_run: Path, tm
     assert all("kd_loss" in record for record in m["heal"]["history"])
     assert m["heal"]["val"]["auroc"] >= m["before_heal"]["val"]["auroc"]
     assert {"auroc", "val"} <= set(m["before_heal"])
+
+
+def test_lora_heals_a_factorized_model(small_pcam: Path, tmp_path: Path) -> None:
+    # After truncated SVD the targets are LowRankLinear pairs: LoRA adapts both halves.
+    cfg = compose_config(*fast_overrides(small_pcam, "method=lora", "prune=svd", "prune.tau=0.5",
+                                         "prune.heal_epochs=1", "eval.measure_speed=false"))
+    m = pipeline.run(cfg, run_dir=tmp_path)
+    assert any(row["replaced"] for row in m["compression"]["svd"])
+    assert m["heal"]["history"] and m["status"] == "ok"
