@@ -21,6 +21,8 @@ import torch
 from ptflops import get_model_complexity_info
 from torch import nn
 
+from pcamx.hardware import sync
+
 
 def count_params(model: nn.Module) -> int:
     """All parameters, trainable or frozen (shared tensors counted once)."""
@@ -102,11 +104,6 @@ def _prepare(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return batch.to(device=first.device, dtype=dtype)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     modes = {m: m.training for m in model.modules()}
@@ -129,10 +126,10 @@ def latency_ms(model: nn.Module, example_batch: torch.Tensor, warmup: int = 10, 
             model(x)
         for _ in range(iters):
             # Synchronise both ends so each sample covers exactly one forward's kernels.
-            _sync(x.device)
+            sync(x.device)
             start = time.perf_counter()
             model(x)
-            _sync(x.device)
+            sync(x.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -145,11 +142,11 @@ def throughput_ips(model: nn.Module, batch: torch.Tensor, warmup: int = 10, iter
     with _eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             model(x)
-        _sync(x.device)
+        sync(x.device)
         start = time.perf_counter()
         # No per-iteration sync: throughput should include the overlap of queued kernels.
         for _ in range(iters):
             model(x)
-        _sync(x.device)
+        sync(x.device)
         elapsed = time.perf_counter() - start
     return x.shape[0] * iters / elapsed

@@ -47,3 +47,9 @@ def setup_threads(hw_cfg: Mapping[str, Any]) -> None:
     threads = hw_cfg.get("num_threads")
     if threads:
         torch.set_num_threads(int(threads))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock timer measures it (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

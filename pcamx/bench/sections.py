@@ -26,13 +26,14 @@ from pcamx.bench.reference import (
     reference_train_step,
     reference_tta,
 )
-from pcamx.bench.timing import PeakMemory, Timing, measure, median_of, rss_bytes, sync
+from pcamx.bench.timing import PeakMemory, Timing, measure, median_of, rss_bytes
 from pcamx.compress import compress
 from pcamx.data.layout import X_KEY
 from pcamx.data.pcam import SLAB_ROWS, PCamSplit, split_paths
 from pcamx.data.transforms import NUM_DIHEDRAL, preprocess
 from pcamx.evaluate import predict_batch
 from pcamx.footprint import count_params, gflops, latency_ms, throughput_ips
+from pcamx.hardware import sync
 from pcamx.methods import METHODS, apply_method
 from pcamx.model import PCamClassifier, build_model, tiny_config, vits16_config
 from pcamx.quant import quantize

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pcamx.hardware import sync
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -30,11 +32,6 @@ class Timing:
 
     def describe(self) -> dict[str, Any]:
         return {"repeats": self.repeats, "duration_s": self.duration, "iters": self.iters, "warmup": self.warmup}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(
