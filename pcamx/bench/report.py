@@ -106,6 +106,112 @@ def _skip_or_error(section: Any) -> str | None:
     return None
 
 
+def _pipeline_md(sec: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    rows = []
+    for mode in ("train", "eval"):
+        p, r = sec[mode]["pcamx"], sec[mode]["reference"]
+        rows.append([f"{mode}{' (augment)' if sec[mode]['augment'] else ''}", _n(_ips(p)), _n(_ips(r)),
+                     _x(sec[mode]["ratio"]), str(p["batch_size"]), _iters(p), _iters(r)])
+    h = sec["host"]
+    rows.append(["host side, train", _n(_ips(h["pcamx"])), _n(_ips(h["reference"])), _x(h["ratio"]),
+                 str(h["pcamx"]["batch_size"]), _iters(h["pcamx"]), _iters(h["reference"])])
+    out += _table(["figure", "pcamx", "reference", "ratio", "batch", "timed iters pcamx", "timed iters ref"],
+                  rows)
+    out.append(f"\nHost CPU time per image: pcamx {h['pcamx_us_per_image']:.2f} µs; reference "
+               f"{h['reference_us_per_image_1core']:,.0f} µs on one core.")
+    return out
+
+
+def _eval_md(sec: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    p = sec["pcamx"]
+    rows = [[f"pcamx, 8 views batched, {p['precision']}", _n(_ips(p)), "—", str(p["batch_size"]), _iters(p)]]
+    if "pcamx_fp32" in sec:
+        q = sec["pcamx_fp32"]
+        rows.append(["pcamx, 8 views batched, fp32", _n(_ips(q)), "—", str(q["batch_size"]), _iters(q)])
+    for views, r in sec["reference"].items():
+        rows.append([f"reference, {views}-view loop, fp32", _n(_ips(r)), _x(sec["ratio"][views]),
+                     str(r["batch_size"]), _iters(r)])
+    out += _table(["figure", "images/s", "pcamx ÷ this", "batch", "timed iters"], rows)
+    e = sec["equivalence"]
+    out.append(f"\nSame probabilities: max |Δp| = {e['max_abs_diff']:.2e} over {e['images']} images "
+               f"(atol {e['atol']:g}): {'pass' if e['passed'] else 'FAIL'}; p in "
+               f"[{e['prob_min']:.3f}, {e['prob_max']:.3f}].")
+    return out
+
+
+def _train_md(sec: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    rows = []
+    for method, entry in sec.items():
+        if method not in METHODS:
+            continue
+        for key in ("pcamx_eager", "pcamx_compiled", "reference"):
+            fig = entry[key]
+            if "skipped" in fig:
+                rows.append([method, key, f"skipped: {fig['skipped']}", "—", "—", "—", "—"])
+                continue
+            r = _x(entry["ratio_eager"] if key == "pcamx_eager" else entry["ratio"]) if key != "reference" \
+                else "1×"
+            rows.append([method, key, _n(_ips(fig)), r, fig["precision"], _mb(fig["peak_memory_bytes"]),
+                         _iters(fig)])
+    out += _table(["method", "pipeline", "images/s", "÷ reference", "precision", "peak memory", "timed iters"],
+                  rows)
+    first = next(iter(sec.values()))
+    out.append(f"\nBatch {first['pcamx_eager']['batch_size']}; peak memory kind: "
+               f"{first['pcamx_eager']['peak_memory_kind']}.")
+    return out
+
+
+def _compress_md(sec: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    rows = []
+    for name, fig in sec["variants"].items():
+        if "skipped" in fig:
+            rows.append([name, fig["skipped"], "—", "—", "—", "—"])
+            continue
+        rows.append([name, f"{fig['params'] / 1e6:.2f} M", _n(fig.get("gflops")), _n(fig["latency_ms"]),
+                     _n(_ips(fig)), f"{_x(fig['speedup_latency'])} / {_x(fig['speedup_throughput'])}"])
+    out += _table(["variant", "params", "GFLOPs", "latency ms", "images/s", "speedup lat / thr"], rows)
+    any_fig = next(f for f in sec["variants"].values() if "throughput" in f)
+    out.append(f"\nN = {any_fig['throughput']['batch_size']}.")
+    if sec.get("note"):
+        out.append(f"Note: {sec['note']}.")
+    return out
+
+
+def _mfu_md(sec: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    rows = [[f"{kind}: {name}", _n(e["images_per_s"]), _n(e["achieved_tflops"]),
+             "—" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"]
+            for kind in ("train", "inference") for name, e in sec[kind].items()]
+    out += _table(["figure", "images/s", "achieved TFLOP/s", "MFU"], rows)
+    out.append(f"\nPeak bf16 dense: {sec['peak_tflops_bf16']} TFLOP/s; forward {sec['forward_gflops']:.2f} "
+               f"GFLOPs/image ({sec['convention']}).")
+    return out
+
+
+def _load_md(sec: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    out.append(f"{sec['images']:,} images in {sec['load_s']:.2f} s ({_n(sec['images_per_s'])} images/s), "
+               f"{sec['bytes'] / 1e6:,.0f} MB in RAM (file {sec['file_bytes'] / 1e6:,.0f} MB); per-sample "
+               f"h5py reads: {sec['per_sample_read_us']:,.0f} µs each, ~{sec['per_sample_estimate_s']:,.0f} s "
+               f"for the split ({_x(sec['ratio'])} slower).")
+    return out
+
+
+# Each section: its key in bench.json, its heading, and how its figures become markdown lines.
+SECTION_RENDERERS = [
+    ("pipeline", "### 1. Input pipeline (images/s ready on the device)", _pipeline_md),
+    ("eval", "### 2. Evaluation with 8-view TTA (images/s)", _eval_md),
+    ("train", "### 3. Training step (images/s)", _train_md),
+    ("compress", "### 4. Compressed models (latency at batch 1, throughput at batch N)", _compress_md),
+    ("mfu", "### 5. Model FLOPs utilization", _mfu_md),
+    ("load", "### data.in_memory load", _load_md),
+]
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     meta, sections = doc["meta"], doc["sections"]
     s = doc["settings"]
@@ -118,106 +224,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{meta['loadavg_start']} / {meta['loadavg_end']}. Total {meta['total_s']:.0f} s.",
     ]
 
-    sec = sections.get("pipeline")
-    out += ["", "### 1. Input pipeline (images/s ready on the device)"]
-    if (msg := _skip_or_error(sec)) is not None:
-        out.append(msg)
-    else:
-        rows = []
-        for mode in ("train", "eval"):
-            p, r = sec[mode]["pcamx"], sec[mode]["reference"]
-            rows.append([f"{mode}{' (augment)' if sec[mode]['augment'] else ''}", _n(_ips(p)), _n(_ips(r)),
-                         _x(sec[mode]["ratio"]), str(p["batch_size"]), _iters(p), _iters(r)])
-        h = sec["host"]
-        rows.append(["host side, train", _n(_ips(h["pcamx"])), _n(_ips(h["reference"])), _x(h["ratio"]),
-                     str(h["pcamx"]["batch_size"]), _iters(h["pcamx"]), _iters(h["reference"])])
-        out += _table(["figure", "pcamx", "reference", "ratio", "batch", "timed iters pcamx", "timed iters ref"],
-                      rows)
-        out.append(f"\nHost CPU time per image: pcamx {h['pcamx_us_per_image']:.2f} µs; reference "
-                   f"{h['reference_us_per_image_1core']:,.0f} µs on one core.")
-
-    sec = sections.get("eval")
-    out += ["", "### 2. Evaluation with 8-view TTA (images/s)"]
-    if (msg := _skip_or_error(sec)) is not None:
-        out.append(msg)
-    else:
-        p = sec["pcamx"]
-        rows = [[f"pcamx, 8 views batched, {p['precision']}", _n(_ips(p)), "—", str(p["batch_size"]), _iters(p)]]
-        if "pcamx_fp32" in sec:
-            q = sec["pcamx_fp32"]
-            rows.append(["pcamx, 8 views batched, fp32", _n(_ips(q)), "—", str(q["batch_size"]), _iters(q)])
-        for views, r in sec["reference"].items():
-            rows.append([f"reference, {views}-view loop, fp32", _n(_ips(r)), _x(sec["ratio"][views]),
-                         str(r["batch_size"]), _iters(r)])
-        out += _table(["figure", "images/s", "pcamx ÷ this", "batch", "timed iters"], rows)
-        e = sec["equivalence"]
-        out.append(f"\nSame probabilities: max |Δp| = {e['max_abs_diff']:.2e} over {e['images']} images "
-                   f"(atol {e['atol']:g}): {'pass' if e['passed'] else 'FAIL'}; p in "
-                   f"[{e['prob_min']:.3f}, {e['prob_max']:.3f}].")
-
-    sec = sections.get("train")
-    out += ["", "### 3. Training step (images/s)"]
-    if (msg := _skip_or_error(sec)) is not None:
-        out.append(msg)
-    else:
-        rows = []
-        for method, entry in sec.items():
-            if method not in METHODS:
-                continue
-            for key in ("pcamx_eager", "pcamx_compiled", "reference"):
-                fig = entry[key]
-                if "skipped" in fig:
-                    rows.append([method, key, f"skipped: {fig['skipped']}", "—", "—", "—", "—"])
-                    continue
-                r = _x(entry["ratio_eager"] if key == "pcamx_eager" else entry["ratio"]) if key != "reference" \
-                    else "1×"
-                rows.append([method, key, _n(_ips(fig)), r, fig["precision"], _mb(fig["peak_memory_bytes"]),
-                             _iters(fig)])
-        out += _table(["method", "pipeline", "images/s", "÷ reference", "precision", "peak memory", "timed iters"],
-                      rows)
-        first = next(iter(sec.values()))
-        out.append(f"\nBatch {first['pcamx_eager']['batch_size']}; peak memory kind: "
-                   f"{first['pcamx_eager']['peak_memory_kind']}.")
-
-    sec = sections.get("compress")
-    out += ["", "### 4. Compressed models (latency at batch 1, throughput at batch N)"]
-    if (msg := _skip_or_error(sec)) is not None:
-        out.append(msg)
-    else:
-        rows = []
-        for name, fig in sec["variants"].items():
-            if "skipped" in fig:
-                rows.append([name, fig["skipped"], "—", "—", "—", "—"])
-                continue
-            rows.append([name, f"{fig['params'] / 1e6:.2f} M", _n(fig.get("gflops")), _n(fig["latency_ms"]),
-                         _n(_ips(fig)), f"{_x(fig['speedup_latency'])} / {_x(fig['speedup_throughput'])}"])
-        out += _table(["variant", "params", "GFLOPs", "latency ms", "images/s", "speedup lat / thr"], rows)
-        any_fig = next(f for f in sec["variants"].values() if "throughput" in f)
-        out.append(f"\nN = {any_fig['throughput']['batch_size']}.")
-        if sec.get("note"):
-            out.append(f"Note: {sec['note']}.")
-
-    sec = sections.get("mfu")
-    out += ["", "### 5. Model FLOPs utilization"]
-    if (msg := _skip_or_error(sec)) is not None:
-        out.append(msg)
-    else:
-        rows = [[f"{kind}: {name}", _n(e["images_per_s"]), _n(e["achieved_tflops"]),
-                 "—" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"]
-                for kind in ("train", "inference") for name, e in sec[kind].items()]
-        out += _table(["figure", "images/s", "achieved TFLOP/s", "MFU"], rows)
-        out.append(f"\nPeak bf16 dense: {sec['peak_tflops_bf16']} TFLOP/s; forward {sec['forward_gflops']:.2f} "
-                   f"GFLOPs/image ({sec['convention']}).")
-
-    sec = sections.get("load")
-    out += ["", "### data.in_memory load"]
-    if (msg := _skip_or_error(sec)) is not None:
-        out.append(msg)
-    else:
-        out.append(f"{sec['images']:,} images in {sec['load_s']:.2f} s ({_n(sec['images_per_s'])} images/s), "
-                   f"{sec['bytes'] / 1e6:,.0f} MB in RAM (file {sec['file_bytes'] / 1e6:,.0f} MB); per-sample "
-                   f"h5py reads: {sec['per_sample_read_us']:,.0f} µs each, ~{sec['per_sample_estimate_s']:,.0f} s "
-                   f"for the split ({_x(sec['ratio'])} slower).")
+    for name, title, render in SECTION_RENDERERS:
+        sec = sections.get(name)
+        out += ["", title]
+        msg = _skip_or_error(sec)
+        out += [msg] if msg is not None else render(sec)
 
     out += ["", "### Targets"]
     rows = [[t["name"], t["description"], _x(t["value"]), f"≥ {t['threshold']:g}×", t["status"]]
