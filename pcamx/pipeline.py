@@ -273,6 +273,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     reference = copy.deepcopy(model) if cfg.prune.method != "none" or cfg.quant.mode != "none" else None
     extra = compress_stage(model, reference, data, cfg, config, device, run_dir, tracker, method_name, result.steps)
     figures = footprint(model, cfg.data.resolution)
+    # Without pruning the reference has exactly these figures: don't run ptflops on it again.
+    reference_figures = dict(figures) if cfg.prune.method == "none" else None
 
     # quantize
     model = quantize(model, cfg.quant.mode, device)
@@ -285,7 +287,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {"status": "ok", **test, **figures, **speed(model, cfg, device, precision)}
     if reference is not None:
         ref = {**evaluate_test(reference, data, cfg, device, desc="test (reference)", precision="fp32")[2],
-               **footprint(reference, cfg.data.resolution), **speed(reference, cfg, device, "fp32")}
+               **(reference_figures or footprint(reference, cfg.data.resolution)),
+               **speed(reference, cfg, device, "fp32")}
         metrics["reference"] = {**ref, "change_pct": relative_change(metrics, ref)}
     metrics.update({
         "n_test": int(len(labels)),
