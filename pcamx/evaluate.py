@@ -1,6 +1,9 @@
-"""Batched inference: positive-class probabilities for a split, optionally averaged over 8 dihedral views."""
+"""Batched inference: positive-class probabilities for a split, averaged over the TTA views (1, 6 or 8)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -8,31 +11,37 @@ from torch import nn
 from tqdm import tqdm
 
 from pcamx.data.pcam import PCamSplit
-from pcamx.data.transforms import NUM_DIHEDRAL, preprocess, tta_views
+from pcamx.data.transforms import check_tta_views, tta_views
 from pcamx.hardware import autocast
 
 # On a CPU, big forwards are slower per image than small ones (cache-bound attention and GEMMs):
 # measured 2.2-2.5 vs 2.8-2.9 images/s for ViT-S/16 TTA on 2 cores (docs/benchmarks.md). Accelerators
-# get the whole 8-view batch in one forward.
+# get the whole multi-view batch in one forward.
 CPU_FORWARD_ROWS = 16
+
+
+def view_count(eval_cfg: Mapping[str, Any], validation: bool = False) -> int:
+    """The TTA views a test (or, with `validation`, a validation) pass uses: `eval.tta_views` when
+    `eval.tta` (`eval.val_tta`) is on, else 1. `eval.tta=false` is the same as `eval.tta_views=1`."""
+    views = check_tta_views(int(eval_cfg["tta_views"]))
+    return views if eval_cfg["val_tta" if validation else "tta"] else 1
 
 
 @torch.inference_mode()
 def predict_batch(
-    model: nn.Module, images: torch.Tensor, resolution: int, tta: bool, precision: str = "fp32"
+    model: nn.Module, images: torch.Tensor, resolution: int, views: int = 1, precision: str = "fp32"
 ) -> torch.Tensor:
-    """P(tumor) for a uint8 NHWC batch on the model's device; TTA runs all 8 views in one forward."""
+    """P(tumor) for a uint8 NHWC batch on the model's device: the mean of the softmax probabilities over
+    `views` TTA views (1 = no TTA, 6 = the reference's set, 8 = the dihedral group), in one forward."""
     n = images.shape[0]
-    x = tta_views(images, resolution) if tta else preprocess(images, resolution)
+    x = tta_views(images, resolution, views)
     x = x.to(next(model.parameters()).dtype)
     rows = CPU_FORWARD_ROWS if images.device.type == "cpu" else len(x)
     with autocast(images.device, precision):
         logits = torch.cat([model(chunk).float() for chunk in x.split(rows)])
     probs = torch.softmax(logits, dim=-1)[:, 1]
-    if tta:
-        # Views are stacked view-major, so row v·n + i is view v of image i.
-        probs = probs.view(NUM_DIHEDRAL, n).mean(dim=0)
-    return probs
+    # Views are stacked view-major, so row v·n + i is view v of image i.
+    return probs.view(views, n).mean(dim=0)
 
 
 def predict(
@@ -41,7 +50,7 @@ def predict(
     device: torch.device,
     batch_size: int,
     resolution: int,
-    tta: bool = True,
+    views: int = 1,
     precision: str = "fp32",
     desc: str = "eval",
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +61,6 @@ def predict(
     for images, _ in tqdm(split.batches(batch_size), total=split.num_batches(batch_size), desc=desc,
                           disable=None, leave=False):
         images = images.to(device, non_blocking=True)
-        probs.append(predict_batch(model, images, resolution, tta, precision).cpu())
+        probs.append(predict_batch(model, images, resolution, views, precision).cpu())
     model.train(was_training)
     return split.labels.numpy().copy(), torch.cat(probs).double().numpy()

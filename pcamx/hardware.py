@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
+AUTOCAST_DEVICES = ("cuda", "cpu")  # where bf16 autocast runs
 
 
 def _mps_available() -> bool:
@@ -34,12 +36,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(precision: str, key: str, device: torch.device | None = None) -> str:
+    """`precision` if it is one of PRECISIONS (and bf16 autocast runs on `device`); a clear error otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{key} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device is not None and precision == "bf16" and device.type not in AUTOCAST_DEVICES:
+        raise ValueError(
+            f"{key}=bf16: bf16 autocast runs on {' or '.join(AUTOCAST_DEVICES)}, not {device.type}; "
+            f"set {key}=fp32 there"
+        )
+    return precision
+
+
+def resolve_precision(precision: str, key: str, device: torch.device, hardware_device: str) -> str:
+    """The precision a run actually uses for `key` (train.precision / eval.precision).
+
+    `hardware=auto` means "bf16 where it pays": its bf16 becomes fp32 when no CUDA device was found
+    (bf16 autocast on a CPU is slower than fp32 there). Any other hardware gets exactly what it asks for,
+    or an error before anything runs."""
+    check_precision(precision, key)
+    if precision == "bf16" and hardware_device == "auto" and device.type != "cuda":
+        return "fp32"
+    return check_precision(precision, key, device)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked for and supported; a no-op context otherwise."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"hardware.precision must be 'fp32' or 'bf16', got {precision!r}")
+    """bf16 autocast (CUDA or CPU) for "bf16"; a no-op context for "fp32"."""
+    if check_precision(precision, "precision", device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -68,8 +68,18 @@ def lora_target_modules(backbone: nn.Module, targets: list[str]) -> list[str]:
     return names
 
 
-def _decay_split(params: list[nn.Parameter], lr: float, weight_decay: float, label: str) -> list[dict]:
-    # Standard ViT practice: no weight decay on norms, biases and tokens (1-D / token tensors).
+def _wd(method_cfg: Mapping[str, Any], key: str, base_wd: float) -> float:
+    value = method_cfg.get(key)
+    return float(base_wd if value is None else value)
+
+
+def _decay_split(params: list[nn.Parameter], lr: float, weight_decay: float, label: str,
+                 decay_all_params: bool) -> list[dict]:
+    """AdamW groups for one set of parameters. By default (standard ViT practice) norms, biases, tokens
+    and LayerScale (1-D or token-shaped tensors) get no weight decay; `decay_all_params` decays every
+    parameter of the set, as the reference protocol does."""
+    if decay_all_params or not weight_decay:
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": label}] if params else []
     decay = [p for p in params if p.ndim >= 2 and not (p.ndim == 3 and p.shape[0] == 1)]  # (1, n, D): tokens
     ids = {id(p) for p in decay}
     no_decay = [p for p in params if id(p) not in ids]
@@ -81,23 +91,37 @@ def _decay_split(params: list[nn.Parameter], lr: float, weight_decay: float, lab
     return groups
 
 
+def init_lora_a(backbone: nn.Module, std: float) -> None:
+    """LoRA A ~ N(0, std²) (B stays zero, so the adapted model starts equal to the base model); peft's
+    default is Kaiming-uniform A. Draws from torch's global RNG, which the run seeded."""
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if "lora_A" in name:
+                p.normal_(0.0, std)
+
+
 def apply_method(
-    model: PCamClassifier, method_cfg: Mapping[str, Any], base_lr: float, weight_decay: float
+    model: PCamClassifier, method_cfg: Mapping[str, Any], base_lr: float, weight_decay: float,
+    decay_all_params: bool = False,
 ) -> list[dict]:
     """Set `requires_grad` for the method (wrapping the backbone with LoRA adapters for `lora`) and
-    return AdamW parameter groups, one learning rate per group."""
+    return AdamW parameter groups, one learning rate and weight decay per group.
+
+    Group learning rates are `method.lr_<group>` and weight decays `method.wd_<group>` (null: `base_lr` /
+    `weight_decay`), for the groups head, backbone (fullft), lora and norms_bias."""
     name = method_cfg.get("name")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
     head = list(model.head.parameters())
 
+    def groups_for(params: list[nn.Parameter], group: str) -> list[dict]:
+        return _decay_split(params, _lr(method_cfg, f"lr_{group}", base_lr),
+                            _wd(method_cfg, f"wd_{group}", weight_decay), group, decay_all_params)
+
     if name == "fullft":
         for p in model.parameters():
             p.requires_grad_(True)
-        backbone = [p for p in model.backbone.parameters()]
-        return _decay_split(head, _lr(method_cfg, "lr_head", base_lr), weight_decay, "head") + _decay_split(
-            backbone, _lr(method_cfg, "lr_backbone", base_lr), weight_decay, "backbone"
-        )
+        return groups_for(head, "head") + groups_for(list(model.backbone.parameters()), "backbone")
 
     if name == "lora":
         config = LoraConfig(
@@ -111,20 +135,22 @@ def apply_method(
             # peft calls a transformers API that transformers 5 deprecates; nothing for our users to act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             model.backbone = get_peft_model(model.backbone, config)  # freezes every base weight
+        if method_cfg.get("lora_a_std") is not None:
+            init_lora_a(model.backbone, float(method_cfg["lora_a_std"]))
 
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     norms_bias = _norms_bias_params(model.backbone, method_cfg.get("train_norms_bias", "none"))
     for p in head + norms_bias:
         p.requires_grad_(True)
-    groups = _decay_split(head, _lr(method_cfg, "lr_head", base_lr), weight_decay, "head")
+    groups = groups_for(head, "head")
     if name == "lora":
         adapters = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
         for p in adapters:
             p.requires_grad_(True)
-        groups += _decay_split(adapters, _lr(method_cfg, "lr_lora", base_lr), weight_decay, "lora")
+        groups += groups_for(adapters, "lora")
     if norms_bias:
-        groups += _decay_split(norms_bias, _lr(method_cfg, "lr_norms_bias", base_lr), weight_decay, "norms_bias")
+        groups += groups_for(norms_bias, "norms_bias")
     return groups
 
 

@@ -9,6 +9,7 @@ checkpoint selection or metrics.json is harder to notice than a crash with a cle
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -129,3 +130,18 @@ def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None or math.isnan(best):
         return True
     return new > best if SELECT_METRICS[metric] == "max" else new < best
+
+
+def improves(new: Mapping[str, float], best: Mapping[str, float] | None, metric: str,
+             tiebreak: str | None = None) -> bool:
+    """Whether validation metrics `new` beat `best` on `metric` (an alias such as sens95 is accepted);
+    on an exact tie, whether they beat it on `tiebreak` (e.g. the reference's "lower val NLL wins").
+    Without a tiebreak, a tie keeps the earlier checkpoint."""
+    key = METRIC_ALIASES.get(metric, metric)
+    previous = (best or {}).get(key)
+    if is_better(metric, new[key], previous):
+        return True
+    if tiebreak is None or previous is None or new[key] != previous:
+        return False
+    tie_key = METRIC_ALIASES.get(tiebreak, tiebreak)
+    return is_better(tiebreak, new[tie_key], best[tie_key])

@@ -24,13 +24,14 @@ from pcamx.compress.chain import compress, plan
 from pcamx.compress.spec import save_compressed
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.synthetic import ensure_synthetic, is_synthetic
-from pcamx.evaluate import predict
+from pcamx.data.transforms import ColorJitter
+from pcamx.evaluate import predict, view_count
 from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
-from pcamx.hardware import autocast, resolve_device, setup_threads
+from pcamx.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
 from pcamx.methods import apply_method
 from pcamx.metrics import SELECT_METRICS, binary_metrics
 from pcamx.model import build_model
-from pcamx.quant import check_quantization, quantize
+from pcamx.quant import check_quantization, eval_precision_label, quantize
 from pcamx.report.run_files import plot_roc, write_predictions
 from pcamx.tracking import Tracker
 from pcamx.train import RESUME_FILE, TrainResult, distillation_gap, train, validate
@@ -102,7 +103,8 @@ def footprint(model: torch.nn.Module, resolution: int) -> dict[str, float]:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    keys = [*METRIC_KEYS, "params", "gflops", "memory_mb", "latency_ms_b1", "throughput_ips", "n_test", "tta", "data"]
+    keys = [*METRIC_KEYS, "params", "gflops", "memory_mb", "latency_ms_b1", "throughput_ips", "n_test", "tta_views",
+            "resolution", "train_precision", "eval_precision", "data"]
     rows = ["| metric | value |", "| --- | --- |"]
     for k in keys:
         v = metrics.get(k)
@@ -141,11 +143,29 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         return None
 
 
+def effective_precisions(cfg: DictConfig, device: torch.device) -> DictConfig:
+    """A copy of `cfg` whose train.precision / eval.precision say what will actually run on `device`
+    (hardware=auto turns bf16 into fp32 off CUDA); a precision the device cannot run is an error."""
+    cfg = copy.deepcopy(cfg)
+    for key in ("train", "eval"):
+        asked = cfg[key].precision
+        cfg[key].precision = resolve_precision(asked, f"{key}.precision", device, cfg.hardware.device)
+        if cfg[key].precision != asked:
+            log.info("%s.precision: %s asked, %s on %s (hardware=auto uses bf16 on CUDA only)",
+                     key, asked, cfg[key].precision, device)
+    return cfg
+
+
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
     """Reject impossible settings before any data is read or any step is trained."""
-    select = cfg.train.select_metric
-    if select not in SELECT_METRICS:
-        raise ValueError(f"train.select_metric must be one of {sorted(SELECT_METRICS)}, got {select!r}")
+    for key in ("select_metric", "select_tiebreak"):
+        select = cfg.train[key]
+        if select not in SELECT_METRICS and not (key == "select_tiebreak" and select is None):
+            raise ValueError(f"train.{key} must be one of {sorted(SELECT_METRICS)}, got {select!r}")
+    for key in ("train", "eval"):
+        check_precision(cfg[key].precision, f"{key}.precision", device)
+    view_count(cfg.eval)
+    ColorJitter.from_config(cfg.data.jitter)
     compression_plan(cfg.prune)
     check_quantization(cfg.quant.mode, device)
     if cfg.prune.heal_epochs < 0:
@@ -157,23 +177,22 @@ def compression_plan(pcfg: DictConfig) -> tuple[dict[str, float], tuple[str, ...
 
 
 def evaluate_test(
-    model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, desc: str = "test",
-    precision: str | None = None,
+    model: torch.nn.Module, data: Data, cfg: DictConfig, device: torch.device, precision: str, desc: str = "test",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Test predictions and metrics with `eval.tta_views` views, under autocast at `precision`."""
     labels, probs = predict(
         model, data.test, device, cfg.data.eval_batch_size, cfg.data.resolution,
-        tta=cfg.eval.tta, precision=precision or cfg.hardware.precision, desc=desc,
+        views=view_count(cfg.eval), precision=precision, desc=desc,
     )
     return labels, probs, binary_metrics(labels, probs)
 
 
-def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precision: str | None = None
-          ) -> dict[str, float]:
+def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precision: str) -> dict[str, float]:
     """Latency at batch 1 and throughput at the eval batch size, model forward only, after warm-up."""
     if not cfg.eval.measure_speed:
         return {}
     res, warmup, iters = cfg.data.resolution, cfg.eval.speed_warmup, cfg.eval.speed_iters
-    with autocast(device, precision or cfg.hardware.precision):
+    with autocast(device, precision):
         return {
             "latency_ms_b1": round(latency_ms(model, torch.randn(1, 3, res, res, device=device), warmup, iters), 4),
             "throughput_ips": round(throughput_ips(
@@ -200,6 +219,7 @@ def compress_stage(
     run_dir: Path,
     tracker: Tracker,
     method_name: str,
+    method_config: dict[str, Any] | None,
     trained_steps: int = 0,
 ) -> dict[str, Any]:
     """Compress in place, heal if asked, save the compressed checkpoint; returns the metrics.json parts."""
@@ -219,11 +239,11 @@ def compress_stage(
             )
         unhealed_val = validate(model, data.valid, device, config)
         extra["before_heal"] = {
-            **evaluate_test(model, data, cfg, device, desc="test (unhealed)")[2],
+            **evaluate_test(model, data, cfg, device, cfg.eval.precision, desc="test (unhealed)")[2],
             "val": unhealed_val,
             "val_kd": distillation_gap(model, reference, data.valid, device, config),
         }
-        groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
+        groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay, cfg.train.decay_all_params)
         for group in groups:  # healing nudges a trained model: every group's lr, scaled down
             group["lr"] *= cfg.heal.lr_scale
         healed = train(model, groups, data.train, data.valid, config, device, run_dir, tracker,
@@ -235,17 +255,19 @@ def compress_stage(
         }
         model.to(device).eval()
     save_compressed(model, run_dir / COMPRESSED_DIR,
-                    extra={"model_name": cfg.model.name, "method": method_name, "prune": extra["prune"]})
+                    extra={"model_name": cfg.model.name, "method": method_name, "method_config": method_config,
+                           "prune": extra["prune"]})
     return extra
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
+    device = resolve_device(cfg.hardware.device)
+    cfg = effective_precisions(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     io.write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(config))
     seed_everything(cfg.seed)
     setup_threads(cfg.hardware)
-    device = resolve_device(cfg.hardware.device)
     validate_config(cfg, device)
 
     # data
@@ -259,19 +281,25 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     else:
         model = build_model(cfg.model)
     # A checkpoint's results are labelled with the method that trained it, not the config default.
-    method_name = (started_from or {}).get("method") or cfg.method.name
+    if started_from is None:
+        method_name, method_config = cfg.method.name, config["method"]
+        train_precision = cfg.train.precision if cfg.train.epochs > 0 else None
+    else:
+        method_name = started_from.get("method") or cfg.method.name
+        method_config, train_precision = started_from.get("method_config"), started_from.get("train_precision")
     tracker = Tracker(cfg.wandb, config, run_dir, **wandb_names())
 
     # train
     result = TrainResult()
     if started_from is None and cfg.train.epochs > 0:
-        groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
+        groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay, cfg.train.decay_all_params)
         result = train(model, groups, data.train, data.valid, config, device, run_dir, tracker)
     model.to(device).eval()
 
     # compress (+ heal); the uncompressed f32 model is kept as reference and distillation teacher
     reference = copy.deepcopy(model) if cfg.prune.method != "none" or cfg.quant.mode != "none" else None
-    extra = compress_stage(model, reference, data, cfg, config, device, run_dir, tracker, method_name, result.steps)
+    extra = compress_stage(model, reference, data, cfg, config, device, run_dir, tracker, method_name, method_config,
+                           result.steps)
     figures = footprint(model, cfg.data.resolution)
     # Without pruning the reference has exactly these figures: don't run ptflops on it again.
     reference_figures = dict(figures) if cfg.prune.method == "none" else None
@@ -280,21 +308,28 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = quantize(model, cfg.quant.mode, device)
     figures["memory_mb"] = round(memory_mb(model), 4)
 
-    # evaluate. A quantized model runs in its own dtype (no autocast on top), and the reference is the
-    # uncompressed model in plain f32, so bf16/int8 rows show what quantization changes.
-    precision = "fp32" if cfg.quant.mode != "none" else cfg.hardware.precision
-    labels, probs, test = evaluate_test(model, data, cfg, device, precision=precision)
+    # evaluate. An unquantized model runs at eval.precision; a quantized one in its own dtype (no autocast
+    # on top). The reference is the uncompressed model in plain f32, so bf16/int8 rows show what
+    # quantization changes.
+    precision = "fp32" if cfg.quant.mode != "none" else cfg.eval.precision
+    labels, probs, test = evaluate_test(model, data, cfg, device, precision)
     metrics: dict[str, Any] = {"status": "ok", **test, **figures, **speed(model, cfg, device, precision)}
     if reference is not None:
-        ref = {**evaluate_test(reference, data, cfg, device, desc="test (reference)", precision="fp32")[2],
+        ref = {**evaluate_test(reference, data, cfg, device, "fp32", desc="test (reference)")[2],
                **(reference_figures or footprint(reference, cfg.data.resolution)),
-               **speed(reference, cfg, device, "fp32")}
+               **speed(reference, cfg, device, "fp32"), "eval_precision": "fp32"}
         metrics["reference"] = {**ref, "change_pct": relative_change(metrics, ref)}
+    views = view_count(cfg.eval)
     metrics.update({
         "n_test": int(len(labels)),
-        "tta": bool(cfg.eval.tta),
+        "tta": views > 1,
+        "tta_views": views,
+        "resolution": int(cfg.data.resolution),
+        "eval_precision": eval_precision_label(cfg.quant.mode, device, cfg.eval.precision),
+        "train_precision": train_precision,
         "data": data.source,
         "method": method_name,
+        "method_config": method_config,
         "model": cfg.model.name,
         "quant": cfg.quant.mode,
         "prune": extra.pop("prune", {"method": "none"}),

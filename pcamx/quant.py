@@ -50,6 +50,16 @@ def _int8_quantizer(device: torch.device) -> Callable[[nn.Module], None]:
     return lambda model: quantize_(model, config)
 
 
+def eval_precision_label(mode: str, device: torch.device | str, precision: str = "fp32") -> str:
+    """How a model quantized with `mode` is evaluated on `device`: "fp32" / "bf16-autocast" for an
+    unquantized model (at `precision`), else its own dtype ("bf16", "int8-weight-only", "int8-dynamic")."""
+    if mode == "none":
+        return "fp32" if precision == "fp32" else f"{precision}-autocast"
+    if mode == "int8":
+        return "int8-weight-only" if torch.device(device).type == "cuda" else "int8-dynamic"
+    return mode
+
+
 def check_quantization(mode: str, device: torch.device | str) -> None:
     """Raise a clear error when `mode` cannot run on `device` (called before training starts)."""
     if mode not in QUANT_MODES:

@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from pcamx import io
 from pcamx.data.pcam import PCamSplit
-from pcamx.data.transforms import preprocess
-from pcamx.evaluate import predict
+from pcamx.data.transforms import ColorJitter, preprocess
+from pcamx.evaluate import predict, view_count
 from pcamx.hardware import autocast
 from pcamx.methods import merge_lora, plain_state_dict
-from pcamx.metrics import METRIC_ALIASES, binary_metrics, is_better
+from pcamx.metrics import METRIC_ALIASES, binary_metrics, improves
 from pcamx.model import PCamClassifier
 from pcamx.tracking import Tracker
 
@@ -38,10 +38,13 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear 0→1 over `warmup` steps, then cosine 1→0 at `total`."""
+def warmup_cosine(step: int, warmup: int, total: int, zero_start: bool = False) -> float:
+    """LR multiplier: linear 0→1 over `warmup` steps, then cosine 1→0 at `total`.
+
+    The warmup is (step + 1) / warmup, so no step is spent at lr 0; `zero_start` makes it step / warmup
+    (step 0 at lr 0), as the reference protocol does."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (step if zero_start else step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -55,9 +58,10 @@ def smoothed_ce_from_probs(labels: np.ndarray, probs: np.ndarray, smoothing: flo
 
 
 def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any]) -> dict[str, float]:
+    """Validation metrics and val_loss; part of training, so at `train.precision`."""
     labels, probs = predict(
         model, split, device, cfg["data"]["eval_batch_size"], cfg["data"]["resolution"],
-        tta=cfg["eval"]["val_tta"], precision=cfg["hardware"]["precision"], desc="val",
+        views=view_count(cfg["eval"], validation=True), precision=cfg["train"]["precision"], desc="val",
     )
     metrics = binary_metrics(labels, probs)
     metrics["val_loss"] = smoothed_ce_from_probs(labels, probs, cfg["train"]["label_smoothing"])
@@ -74,6 +78,7 @@ def train_step(
     augment: bool,
     generator: torch.Generator,
     precision: str,
+    jitter: ColorJitter | None = None,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
     teacher: nn.Module | None = None,
@@ -86,7 +91,7 @@ def train_step(
     device = optimizer.param_groups[0]["params"][0].device
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
-    x = preprocess(images, resolution, augment=augment, generator=generator)
+    x = preprocess(images, resolution, augment=augment, generator=generator, jitter=jitter)
     with autocast(device, precision):
         logits = forward(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
@@ -123,7 +128,7 @@ def distillation_gap(student: nn.Module, teacher: nn.Module, split: PCamSplit, d
     total, n = 0.0, 0
     for images, _ in split.batches(cfg["data"]["eval_batch_size"]):
         x = preprocess(images.to(device), cfg["data"]["resolution"])
-        with autocast(device, cfg["hardware"]["precision"]):
+        with autocast(device, cfg["train"]["precision"]):
             s_logits, t_logits = student(x), teacher(x)
         kd = distillation_loss(s_logits.float(), t_logits.float(), cfg["heal"]["temperature"])
         total, n = total + kd.item() * len(images), n + len(images)
@@ -136,6 +141,8 @@ def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int,
         "backbone_config": model.config.to_dict(),
         "model_name": cfg["model"]["name"],
         "method": cfg["method"]["name"],
+        "method_config": dict(cfg["method"]),
+        "train_precision": cfg["train"]["precision"],
         "step": step,
         "val_metrics": val,
         "select_metric": cfg["train"]["select_metric"],
@@ -170,6 +177,7 @@ def train(
     epochs = tcfg["epochs"] if epochs is None else epochs
     save = phase == "train"  # healing neither writes best/last nor resumes (the caller saves its result)
     select = METRIC_ALIASES.get(tcfg["select_metric"], tcfg["select_metric"])
+    tiebreak = tcfg["select_tiebreak"]
     batch_size, resolution = dcfg["batch_size"], dcfg["resolution"]
     steps_per_epoch = train_split.num_batches(batch_size, drop_last=True)
     if tcfg["max_train_batches"]:
@@ -179,7 +187,8 @@ def train(
     total_steps = epochs * steps_per_epoch
     val_interval = max(1, round(tcfg["val_every"] * steps_per_epoch))
     checkpoint_every = tcfg.get("checkpoint_every") or 0
-    precision = cfg["hardware"]["precision"]
+    precision = cfg["train"]["precision"]
+    jitter = ColorJitter.from_config(dcfg["jitter"])
 
     optimizer = torch.optim.AdamW(param_groups, lr=tcfg["lr"], fused=device.type == "cuda")
     for group in optimizer.param_groups:
@@ -226,12 +235,12 @@ def train(
                 break
             if epoch * steps_per_epoch + i < step:
                 continue  # trained before the interruption
-            lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps)
+            lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps, tcfg["warmup_zero_start"])
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_scale
             loss, kd = train_step(
                 forward, optimizer, images, labels, resolution=resolution, augment=dcfg["augment"],
-                generator=aug_generator, precision=precision, label_smoothing=tcfg["label_smoothing"],
+                generator=aug_generator, precision=precision, jitter=jitter, label_smoothing=tcfg["label_smoothing"],
                 grad_clip=tcfg["grad_clip"], teacher=teacher,
                 temperature=cfg["heal"]["temperature"] if teacher is not None else 1.0,
                 kd_weight=cfg["heal"]["kd_weight"] if teacher is not None else 0.0,
@@ -256,7 +265,7 @@ def train(
                 val_prefix = "val" if phase == "train" else f"{phase}_val"
                 tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step_offset + step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
-                if is_better(select, val[select], result.best_val.get(select)):
+                if improves(val, result.best_val, select, tiebreak):
                     result.best_val, result.best_step = val, step
                     payload = checkpoint_payload(model, cfg, step, val)
                     best_state = payload["model"]

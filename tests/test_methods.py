@@ -117,3 +117,41 @@ def test_unknown_method_and_norms_bias_choice_are_rejected() -> None:
         apply_method(tiny(), {"name": "prompt_tuning"}, 1e-3, 0.0)
     with pytest.raises(ValueError, match="none"):
         apply_method(tiny(), {"name": "head_only", "train_norms_bias": "all"}, 1e-3, 0.0)
+
+
+def test_default_decay_skips_1d_and_token_tensors_and_decay_all_params_decays_everything() -> None:
+    model = tiny()
+    default = {id(p): g["weight_decay"] for g in apply_method(model, {"name": "fullft"}, 1e-3, 0.05)
+               for p in g["params"]}
+    named = dict(model.named_parameters())
+    # By name, not by shape: only the linear and patch-embedding weights decay by default.
+    skipped = ("_token", "_tokens", ".bias", "norm1.weight", "norm2.weight", "backbone.norm.weight", "lambda1")
+    decayed = {n for n in named if not any(n.endswith(s) for s in skipped)}
+    assert decayed == {n for n in named if n.endswith(("_proj.weight", "patch_embeddings.weight", "head.weight"))}
+    for name, p in named.items():
+        assert default[id(p)] == (0.05 if name in decayed else 0.0), name
+    everything = {id(p): g["weight_decay"] for g in apply_method(tiny(), {"name": "fullft"}, 1e-3, 0.05, True)
+                  for p in g["params"]}
+    assert set(everything.values()) == {0.05} and len(everything) == len(named)
+
+
+def test_per_group_weight_decay_overrides_train_weight_decay() -> None:
+    model = tiny()
+    cfg = {"name": "lora", "wd_lora": 0.0, "wd_norms_bias": 0.3, "wd_head": None, "train_norms_bias": "both"}
+    groups = apply_method(model, cfg, 1e-3, 0.01, decay_all_params=True)
+    by_name = {g["name"]: g["weight_decay"] for g in groups}
+    assert by_name == {"head": 0.01, "lora": 0.0, "norms_bias": 0.3}
+
+
+def test_lora_a_std_draws_a_from_a_normal_and_leaves_b_zero() -> None:
+    model = tiny()
+    apply_method(model, {"name": "lora", "r": 8, "alpha": 16, "include_mlp": True, "lora_a_std": 0.02}, 1e-3, 0.0)
+    named = dict(model.backbone.named_parameters())
+    a = torch.cat([p.flatten() for n, p in named.items() if "lora_A" in n])
+    assert a.std().item() == pytest.approx(0.02, rel=0.05) and abs(a.mean().item()) < 1e-3
+    assert all(not p.any() for n, p in named.items() if "lora_B" in n)
+    # peft's default (Kaiming-uniform) is bounded by 1/sqrt(fan_in), far wider than 0.02 for fan_in 32.
+    default = tiny()
+    apply_method(default, {"name": "lora", "r": 8, "alpha": 16}, 1e-3, 0.0)
+    a_default = torch.cat([p.flatten() for n, p in default.backbone.named_parameters() if "lora_A" in n])
+    assert a_default.std().item() > 0.05

@@ -17,6 +17,7 @@ from pcamx.metrics import (
     SELECT_METRICS,
     binary_metrics,
     expected_calibration_error,
+    improves,
     is_better,
     sensitivity_at_specificity,
 )
@@ -198,3 +199,19 @@ def test_is_better():
     assert is_better("nll", 0.3, float("nan"))
     with pytest.raises(ValueError, match="unknown selection metric"):
         is_better("f1", 0.5, None)
+
+
+def test_improves_breaks_exact_ties_only_with_a_tiebreak():
+    best = {"auroc": 0.9, "nll": 0.30, "sens_at_95spec": 0.5}
+    tie_lower_nll = {"auroc": 0.9, "nll": 0.25, "sens_at_95spec": 0.5}
+    tie_higher_nll = {"auroc": 0.9, "nll": 0.35, "sens_at_95spec": 0.5}
+    assert not improves(tie_lower_nll, best, "auroc")  # no tiebreak: the earlier checkpoint stays
+    assert improves(tie_lower_nll, best, "auroc", "nll")
+    assert not improves(tie_higher_nll, best, "auroc", "nll")
+    # The tiebreak never overrides the main metric, in either direction.
+    assert not improves({"auroc": 0.8999, "nll": 0.01}, best, "auroc", "nll")
+    assert improves({"auroc": 0.9001, "nll": 0.99}, best, "auroc", "nll")
+    assert improves(best, {}, "auroc", "nll") and improves(best, None, "auroc")
+    # Aliases work for both; a "min" main metric ties too.
+    assert improves({**best, "auroc": 0.95}, best, "sens95", "auroc")
+    assert improves({"nll": 0.30, "auroc": 0.91}, {"nll": 0.30, "auroc": 0.90}, "nll", "auroc")

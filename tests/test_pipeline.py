@@ -47,7 +47,7 @@ def test_best_checkpoint_reproduces_the_test_predictions(small_pcam: Path, tmp_p
     model: PCamClassifier = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])
     test = PCamSplit.load(small_pcam, "test", limit=cfg.data.limit_test)
-    _, probs = predict(model, test, torch.device("cpu"), 64, cfg.data.resolution, tta=False)
+    _, probs = predict(model, test, torch.device("cpu"), 64, cfg.data.resolution, views=1)
     np.testing.assert_allclose(probs, read_predictions(tmp_path / "predictions.csv")[1], atol=1e-6)
 
 

@@ -19,7 +19,7 @@ from pcamx.report.sweep import collect_runs, format_cell, format_pruning, summar
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CONTEXT = {"data": "synthetic", "model": "dinov3_tiny", "tta": True, "n_test": 64}
+CONTEXT = {"data": "synthetic", "model": "dinov3_tiny", "tta": True, "tta_views": 8, "resolution": 32, "n_test": 64}
 REFERENCE = {"params": 21_600_000, "gflops": 4.61, "memory_mb": 82.4, "auroc": 0.9540, "auprc": 0.95,
              "sens_at_95spec": 0.8, "ece": 0.03, "brier": 0.07, "acc": 0.9, "nll": 0.25}
 
@@ -121,7 +121,7 @@ def test_summary_md_shows_varying_columns_and_a_constant_header(sweep: Path) -> 
     _, paths = summarize([sweep], sweep)
     md = paths["md"].read_text()
     assert "synthetic stand-in data — not PCam" in md
-    assert "data: synthetic · model: dinov3_tiny · tta: True · n_test: 64 · debug: fast" in md
+    assert "data: synthetic · model: dinov3_tiny · tta_views: 8 · resolution: 32 · n_test: 64 · debug: fast" in md
     assert "6 runs: 4 ok, 1 failed, 1 missing" in md
     header, _, *rows = table_rows(md)
     # train.lr differs (set only by job 4); debug=fast and the context do not; method/quant/prune have

@@ -31,10 +31,10 @@ def test_resume_after_kill_reproduces_uninterrupted_metrics(small_pcam: Path, tm
     # Kill at step 5 of 8: after the step-3 checkpoint, mid-epoch (4 steps per epoch).
     original = train.warmup_cosine
 
-    def dying(step: int, warmup: int, total: int) -> float:
+    def dying(step: int, *args) -> float:
         if step == 5:
             raise Killed
-        return original(step, warmup, total)
+        return original(step, *args)
 
     monkeypatch.setattr(train, "warmup_cosine", dying)
     with pytest.raises(Killed):

@@ -30,6 +30,8 @@ from pcamx.data.layout import X_KEY, Y_KEY
 from pcamx.data.pcam import split_paths
 
 PREFETCH_FACTOR = 2  # DataLoader's default
+# The reference protocol's ColorJitter (../shared/REFERENCE.md); pcamx's batched jitter runs the same.
+JITTER = {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.03}
 
 
 class RandomRot90:
@@ -47,7 +49,7 @@ def reference_augmentation() -> T.Compose:
         T.RandomHorizontalFlip(),
         T.RandomVerticalFlip(),
         RandomRot90(),
-        T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+        T.ColorJitter(**JITTER),
     ])
 
 

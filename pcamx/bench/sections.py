@@ -20,6 +20,7 @@ from transformers import DINOv3ViTModel
 
 from pcamx.bench.data import LOAD_SPLIT, BenchData
 from pcamx.bench.reference import (
+    JITTER,
     PREFETCH_FACTOR,
     ReferencePCamDataset,
     reference_loader,
@@ -30,7 +31,7 @@ from pcamx.bench.timing import PeakMemory, Timing, measure, median_of, rss_bytes
 from pcamx.compress import compress
 from pcamx.data.layout import X_KEY
 from pcamx.data.pcam import SLAB_ROWS, PCamSplit, split_paths
-from pcamx.data.transforms import NUM_DIHEDRAL, preprocess
+from pcamx.data.transforms import NUM_DIHEDRAL, ColorJitter, preprocess
 from pcamx.evaluate import predict_batch
 from pcamx.footprint import count_params, gflops, latency_ms, throughput_ips
 from pcamx.hardware import sync
@@ -171,7 +172,7 @@ def _pcamx_input_step(b: Bench, split: PCamSplit, augment: bool) -> Callable[[],
         images, labels = next(batches)
         images = images.to(device, non_blocking=True)
         labels.to(device, non_blocking=True)
-        preprocess(images, resolution, augment=augment, generator=generator)
+        preprocess(images, resolution, augment=augment, generator=generator, jitter=ColorJitter(**JITTER))
         return len(images)
 
     return step
@@ -264,7 +265,7 @@ def tta_equivalence(b: Bench, model: torch.nn.Module, n: int = 8) -> dict[str, A
     finally:
         dataset.close()
     with strict_fp32():
-        ours = predict_batch(model, b.test.images[:n].to(b.s.device), b.s.resolution, True, "fp32").cpu()
+        ours = predict_batch(model, b.test.images[:n].to(b.s.device), b.s.resolution, NUM_DIHEDRAL, "fp32").cpu()
         theirs = reference_tta(model, x, NUM_DIHEDRAL).cpu()
     diff = float((ours - theirs).abs().max())
     return {
@@ -278,7 +279,7 @@ def _pcamx_tta_step(b: Bench, model: torch.nn.Module, precision: str) -> Callabl
 
     def step() -> int:
         images, _ = next(batches)
-        predict_batch(model, images.to(b.s.device, non_blocking=True), b.s.resolution, True, precision).cpu()
+        predict_batch(model, images.to(b.s.device, non_blocking=True), b.s.resolution, NUM_DIHEDRAL, precision).cpu()
         return len(images)
 
     return step
@@ -339,7 +340,8 @@ def _pcamx_train(b: Bench, method: str, compiled: bool) -> dict[str, Any]:
             # pcamx.train's own step: uint8 to the device, batched augmentation there, autocast, clip.
             images, labels = next(batches)
             train_step(forward, optimizer, images, labels, resolution=s.resolution, augment=True,
-                       generator=generator, precision=s.precision, label_smoothing=0.05, grad_clip=1.0)
+                       generator=generator, precision=s.precision, jitter=ColorJitter(**JITTER),
+                       label_smoothing=0.05, grad_clip=1.0)
             return len(images)
 
         # Compilation happens in the first steps (forward, then backward graphs): keep them out of the clock.

@@ -1,4 +1,8 @@
-"""`python -m pcamx.report DIR [DIR ...] [--out OUTDIR]`: the sweep table of every run under DIRs.
+"""`python -m pcamx.report DIR [DIR ...] [--out OUTDIR] [--style default|reference] [--baseline RUN_DIR]`:
+the sweep table of every run under DIRs.
+
+--style reference renders summary.md in the reference results table's layout (labels, row order,
+changes on Parameters/GFLOPs/Memory/AUROC against one baseline run, by default the full-FT f32 run).
 
 Works on any sweep folder, including one whose launcher died (it reads only the run directories).
 Exit status: 0 when every run is ok, 1 when a run failed or is missing metrics.json (the tables are
@@ -12,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pcamx.report.sweep import any_failed, summarize
+from pcamx.report.sweep import STYLES, any_failed, summarize
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,6 +24,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run folders, searched recursively")
     parser.add_argument("--out", type=Path, default=None,
                         help="where summary.csv, summary.md and roc.png go (default: DIR, when only one)")
+    parser.add_argument("--style", choices=STYLES, default="default",
+                        help="summary.md layout: default (every run, changes against its own uncompressed model) "
+                             "or reference (the reference results table)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="(--style reference) the run directory every change is computed against "
+                             "(default: the full-FT, unquantized, f32-evaluated run)")
     args = parser.parse_args(argv)
     for d in args.dirs:
         if not d.is_dir():
@@ -28,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("several DIRs: say where the tables go with --out")
     out = args.out or args.dirs[0]
     try:
-        runs, paths = summarize(args.dirs, out)
+        runs, paths = summarize(args.dirs, out, args.style, args.baseline)
     except ValueError as err:
         parser.error(str(err))
     if not runs:

@@ -51,9 +51,11 @@ METRIC_KEYS = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
 FOOTPRINT_KEYS = ("params", "gflops", "memory_mb")
 TAU_KEYS = ("tau_heads", "tau_mlp", "tau_svd")
 # Describe the run; shown in the header when constant across the sweep, as columns when not.
-CONTEXT_KEYS = ("data", "model", "tta", "n_test")
+CONTEXT_KEYS = ("data", "model", "tta_views", "resolution", "n_test")
 # Overrides already shown by the Method / Quantization / Pruning/τ columns or the context fields.
-_DESCRIBED = re.compile(r"^(method|quant|quant\.mode|prune|prune\.method|prune\.tau\w*|data|model)$")
+_DESCRIBED = re.compile(
+    r"^(method|quant|quant\.mode|prune|prune\.method|prune\.tau\w*|data|model|data\.resolution|eval\.tta(_views)?"
+    r"|eval\.precision)$")
 # Scalars of metrics.json that are not numbers to compare but are still worth a CSV column.
 _SKIP_CSV = {"status", "error", "traceback", "run_dir", "prune", "reference", "val"}
 
@@ -107,6 +109,32 @@ class RunRecord:
         return self.metrics["tta"] if "tta" in self.metrics else _select(self.config, "eval.tta")
 
     @property
+    def tta_views(self) -> int | None:
+        """Test-time views averaged (1 = no TTA); from the config when the run wrote no metrics."""
+        if "tta_views" in self.metrics:
+            return self.metrics["tta_views"]
+        views = _select(self.config, "eval.tta_views")
+        return None if views is None else (views if _select(self.config, "eval.tta") else 1)
+
+    @property
+    def resolution(self) -> int | None:
+        return self.metrics.get("resolution") or _select(self.config, "data.resolution")
+
+    @property
+    def eval_precision(self) -> str | None:
+        """fp32 | bf16-autocast | bf16 | int8-weight-only | int8-dynamic (see pcamx.quant.eval_precision_label)."""
+        return self.metrics.get("eval_precision") or _select(self.config, "eval.precision")
+
+    @property
+    def method_config(self) -> dict[str, Any]:
+        return self.metrics.get("method_config") or _select(self.config, "method") or {}
+
+    @property
+    def quantization(self) -> str:
+        """The Quantization column: what the weights are and the precision the row was evaluated at."""
+        return quantization_label(self.quant, self.eval_precision)
+
+    @property
     def n_test(self) -> int | None:
         return self.metrics.get("n_test")
 
@@ -146,6 +174,11 @@ class RunRecord:
         return p
 
     @property
+    def compressed_model(self) -> bool:
+        """Pruned (the architecture changed), not merely quantized."""
+        return self.prune["method"] not in (None, "none")
+
+    @property
     def compressed(self) -> bool:
         return self.quant not in (None, "none") or self.prune["method"] not in (None, "none")
 
@@ -181,7 +214,7 @@ def _find_run_dirs(root: Path) -> list[Path]:
     return found
 
 
-def _shorten(text: str, width: int = ERROR_WIDTH) -> str:
+def shorten(text: str, width: int = ERROR_WIDTH) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -237,7 +270,7 @@ def collect_runs(dirs: Sequence[str | Path]) -> list[RunRecord]:
 
 def _reference_key(run: RunRecord) -> tuple:
     others = tuple(sorted((k, v) for k, v in run.override_map.items() if not _DESCRIBED.match(k)))
-    return (run.method, run.model, run.data, run.tta, run.n_test, others)
+    return (run.method, run.model, run.data, run.tta_views, run.resolution, run.n_test, others)
 
 
 def find_references(runs: Sequence[RunRecord]) -> dict[Path, tuple[dict[str, Any], str]]:
@@ -295,6 +328,19 @@ def format_cell(key: str, value: Any, reference: Any = None) -> str:
     return f"{text} ({change})" if change else text
 
 
+def quantization_label(quant: str | None, eval_precision: str | None) -> str:
+    """`none (f32)`, `none (bf16 autocast)`, `bf16`, `int8 (dynamic)`, … as in the reference table."""
+    if quant is None:
+        return "—"
+    if quant == "none":
+        if eval_precision in (None, "fp32"):
+            return "none (f32)"
+        return f"none ({eval_precision.replace('-', ' ')})"
+    if eval_precision and eval_precision != quant and eval_precision.startswith(f"{quant}-"):
+        return f"{quant} ({eval_precision.removeprefix(quant + '-')})"
+    return quant
+
+
 def format_pruning(prune: dict[str, Any]) -> str:
     method = prune.get("method")
     if method in (None, "none"):
@@ -307,7 +353,7 @@ def format_pruning(prune: dict[str, Any]) -> str:
     return f"{method} " + " ".join(f"τ_{k.removeprefix('tau_')}={v:g}" for k, v in taus.items())
 
 
-def _md_escape(text: Any) -> str:
+def md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
@@ -369,11 +415,11 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
         cells = [run.job]
         cells += [_plain(run.override_map.get(k)) for k in varying_overrides]
         cells += [_plain(run.context(k)) for k in varying_context]
-        cells += [_plain(run.method), _plain(run.quant), format_pruning(run.prune)]
+        cells += [_plain(run.method), run.quantization, format_pruning(run.prune)]
         cells += [format_cell(key, run.metrics.get(key), ref.get(key)) for key in _VALUE_COLUMNS.values()]
         if show_status:
-            cells.append(run.status if run.ok else f"{run.status}: {_shorten(run.error or '')}")
-        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+            cells.append(run.status if run.ok else f"{run.status}: {shorten(run.error or '')}")
+        lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -384,7 +430,7 @@ def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]
     """(columns, rows) of summary.csv: raw values only, `None` where a run has none."""
     refs = find_references(runs)
     override_keys = sorted({k for r in runs for k in r.override_map})
-    known = [*FOOTPRINT_KEYS, *METRIC_KEYS, "n_test", "tta"]
+    known = [*FOOTPRINT_KEYS, *METRIC_KEYS, "n_test", "tta", "tta_views", "resolution", "eval_precision"]
     extras = sorted({k for r in runs for k, v in r.metrics.items()
                      if k not in _SKIP_CSV and k not in known and not isinstance(v, dict | list)}
                     - {"data", "model", "method", "quant"})
@@ -403,6 +449,7 @@ def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]
             "method": run.method, "model": run.model, "data": run.data, "quant": run.quant,
             "prune_method": prune.get("method"), **{k: prune.get(k) for k in TAU_KEYS},
             **{k: run.metrics.get(k) for k in known}, "tta": run.tta, "n_test": run.n_test,
+            "tta_views": run.tta_views, "resolution": run.resolution, "eval_precision": run.eval_precision,
             **{k: run.metrics.get(k) for k in extras},
             "reference_source": source, **{f"reference.{k}": ref.get(k) for k in ref_keys},
         }
@@ -473,23 +520,38 @@ def _legend_label(run: RunRecord, keys: Sequence[str]) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def write_summary(runs: Sequence[RunRecord], out_dir: str | Path) -> dict[str, Path]:
-    """Write summary.csv, summary.md and roc.png into `out_dir`; returns their paths by kind."""
+STYLES = ("default", "reference")
+
+
+def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "default",
+                  baseline: str | Path | None = None) -> dict[str, Path]:
+    """Write summary.csv, summary.md and roc.png into `out_dir`; returns their paths by kind.
+
+    style: "default" (every run, changes against each run's own uncompressed model) or "reference" (the
+    reference table's layout, changes against one `baseline` run; see pcamx.report.reference_table)."""
+    from pcamx.report.reference_table import pick_baseline, reference_table
+
     out_dir = Path(out_dir)
     if (out_dir / METRICS_FILE).is_file():
         # A run directory has its own roc.png; the sweep figure must not replace it.
         raise ValueError(f"{out_dir} is a run directory; write the sweep summary elsewhere (--out)")
+    if style not in STYLES:
+        raise ValueError(f"unknown table style {style!r}; allowed: {', '.join(STYLES)}")
+    if baseline is not None and style != "reference":
+        raise ValueError("a baseline run only applies to --style reference")
+    md = reference_table(runs, pick_baseline(runs, baseline)) if style == "reference" else markdown_table(runs)
     return {
         "csv": io.write_text(out_dir / "summary.csv", csv_text(runs)),
-        "md": io.write_text(out_dir / "summary.md", markdown_table(runs)),
+        "md": io.write_text(out_dir / "summary.md", md),
         "roc": plot_sweep_roc(runs, out_dir / "roc.png"),
     }
 
 
-def summarize(dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[list[RunRecord], dict[str, Path]]:
+def summarize(dirs: Sequence[str | Path], out_dir: str | Path, style: str = "default",
+              baseline: str | Path | None = None) -> tuple[list[RunRecord], dict[str, Path]]:
     """collect_runs + write_summary."""
     runs = collect_runs(dirs)
-    return runs, write_summary(runs, out_dir)
+    return runs, write_summary(runs, out_dir, style, baseline)
 
 
 def any_failed(runs: Iterable[RunRecord]) -> bool:

@@ -1,0 +1,201 @@
+"""The results table in the reference layout (`../shared/REFERENCE.md`):
+`python -m pcamx.report DIRS --style reference [--baseline RUN_DIR]`.
+
+Rows: uncompressed models first, then compressed ones; within each, full FT, LoRA, head-only; within a
+model, `none (f32)` before its bf16 / int8 rows, which show `-` as their method. Labels are the
+reference's (`Full fine‑tune (FT)`, `LoRA (r=8; attn+MLP adapters)`, `Linear probe (head-only)`,
+`… + compression *(heads+MLP+SVD, τ=[…])*`, `*(same τ)*` when an earlier compressed row used the same
+plan). Percent changes appear only on Parameters, GFLOPs, Memory and AUROC, all against one baseline
+run (default: the full-FT, unquantized, f32-evaluated run), and only where they round to at least 0.1%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pcamx.report.sweep import SYNTHETIC_NOTE, RunRecord, md_escape, shorten
+
+COLUMNS = ("Method", "Quantization", "Parameters", "GFLOPs", "Memory (MB)", "AUROC", "AUPRC", "Sens @95%Spec",
+           "ECE", "Brier", "Acc", "NLL")
+ALIGN = ("---", "---", "---", *("---:",) * 9)
+VALUE_KEYS = ("params", "gflops", "memory_mb", "auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
+CHANGE_KEYS = ("params", "gflops", "memory_mb", "auroc")
+METHOD_ORDER = ("fullft", "lora", "head_only")
+UNCOMPRESSED_LABELS = {"fullft": "Full fine‑tune (FT)", "head_only": "Linear probe (head-only)"}
+COMPRESSED_LABELS = {"fullft": "Full FT", "lora": "LoRA", "head_only": "Head-only"}
+STEP_LABELS = {"heads": "heads", "mlp": "MLP", "svd": "SVD"}
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
+MLP = {"up_proj", "down_proj"}
+# Order of a model's rows: unquantized at f32, under autocast, then the quantized ones.
+PRECISION_ORDER = ("fp32", "bf16-autocast", "bf16", "int8-weight-only", "int8-dynamic")
+
+
+class BaselineError(ValueError):
+    """The baseline run asked for is not among the runs or did not finish ok."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def format_value(key: str, value: Any) -> str:
+    """As printed in the reference: 21.60M, 8.67, 86.5, 0.9800; small models keep two significant digits."""
+    if not _number(value):
+        return "—"
+    if key == "params":
+        return f"{value / 1e6:.2f}M"
+    if key in ("gflops", "memory_mb"):
+        if abs(value) < 0.1 and value != 0:
+            return f"{value:.2g}"
+        return f"{value:.2f}" if key == "gflops" else f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def format_change(value: Any, baseline: Any) -> str:
+    """` (↓7.0%)`, or "" when the change rounds to 0.0% or there is nothing to compare."""
+    if not (_number(value) and _number(baseline)) or baseline == 0:
+        return ""
+    pct = round((value - baseline) / abs(baseline) * 100, 1)
+    if pct == 0:
+        return ""
+    return f" ({'↑' if pct > 0 else '↓'}{abs(pct):.1f}%)"
+
+
+def lora_label(config: dict[str, Any]) -> str:
+    if not config.get("r"):
+        return "LoRA"
+    targets = set(config.get("targets") or ())
+    if config.get("include_mlp"):
+        targets |= MLP
+    if targets == ATTENTION | MLP:
+        scope = "attn+MLP"
+    elif targets == ATTENTION:
+        scope = "attn"
+    else:
+        scope = "+".join(sorted(targets))
+    return f"LoRA (r={config['r']}; {scope} adapters)"
+
+
+def compression_plan(run: RunRecord) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """(steps in run order, their τ) from metrics.json's prune entry (τ keys are written in run order)."""
+    prune = run.prune
+    steps = tuple(k.removeprefix("tau_") for k, v in prune.items() if k.startswith("tau_") and v is not None)
+    return steps, tuple(float(prune[f"tau_{s}"]) for s in steps)
+
+
+def method_label(run: RunRecord, seen_plans: set) -> str:
+    method = run.method or "?"
+    if not run.compressed_model:
+        if method == "lora":
+            return lora_label(run.method_config)
+        return UNCOMPRESSED_LABELS.get(method, method)
+    steps, taus = compression_plan(run)
+    name = f"{COMPRESSED_LABELS.get(method, method)} + compression"
+    if not steps:
+        return name
+    if (steps, taus) in seen_plans:
+        return f"{name} *(same τ)*"
+    seen_plans.add((steps, taus))
+    tau_text = f"{taus[0]:g}" if len(taus) == 1 else "[" + ", ".join(f"{t:g}" for t in taus) + "]"
+    return f"{name} *({'+'.join(STEP_LABELS.get(s, s) for s in steps)}, τ={tau_text})*"
+
+
+def _precision_rank(run: RunRecord) -> int:
+    p = run.eval_precision
+    return PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER)
+
+
+def _group_key(run: RunRecord) -> tuple:
+    method = run.method or ""
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    plan = compression_plan(run) if run.compressed_model else ((), ())
+    return (run.compressed_model, rank, method, plan, run.data or "", run.resolution or 0, run.tta_views or 0)
+
+
+def order_rows(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
+    """Runs grouped by model (same method, compression, data, resolution, views), groups in table order,
+    each group's rows by precision."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(_group_key(run), []).append(run)
+    return [sorted(groups[key], key=_precision_rank) for key in sorted(groups)]
+
+
+def pick_baseline(runs: Sequence[RunRecord], baseline_dir: str | Path | None = None) -> RunRecord | None:
+    """The run every percentage is computed against: `baseline_dir`, else the first ok full-FT run
+    that is neither compressed nor quantized and was evaluated in f32 (None when there is none)."""
+    if baseline_dir is not None:
+        wanted = Path(baseline_dir).resolve()
+        for run in runs:
+            if run.run_dir.resolve() == wanted:
+                if not run.ok:
+                    raise BaselineError(f"the baseline run {baseline_dir} did not finish ok ({run.status})")
+                return run
+        raise BaselineError(f"the baseline run {baseline_dir} is not among the reported runs; add its directory")
+    for run in runs:
+        if (run.ok and run.method == "fullft" and not run.compressed_model and run.quant == "none"
+                and run.eval_precision == "fp32"):
+            return run
+    return None
+
+
+def _measured(runs: Sequence[RunRecord]) -> tuple[str, list[tuple[str, str]]]:
+    """(a sentence for what is the same in every row, extra columns for what is not)."""
+    parts, extra = [], []
+    for attr, title, text in (
+        ("n_test", None, lambda v: f"test split n={v}"),
+        ("tta_views", "TTA views",
+         lambda v: "no TTA" if v == 1 else f"TTA: mean of softmax probabilities over {v} views"),
+        ("resolution", "Resolution", lambda v: f"{v}×{v} px inputs"),
+        ("data", None, lambda v: f"data: {v}"),
+    ):
+        values = {getattr(r, attr) for r in runs if getattr(r, attr) is not None}
+        if len(values) == 1:
+            parts.append(text(values.pop()))
+        elif values and title:
+            extra.append((title, attr))
+        elif values:
+            parts.append(f"{attr} differs between rows (see summary.csv)")
+    return ", ".join(parts), extra
+
+
+def reference_table(runs: Sequence[RunRecord], baseline: RunRecord | None) -> str:
+    """summary.md in the reference layout."""
+    measured, extra = _measured(runs)
+    lines = ["# Results", ""]
+    if any(r.data == "synthetic" for r in runs):
+        lines += [f"> **{SYNTHETIC_NOTE}.** These numbers describe the generated stand-in, not PatchCamelyon.", ""]
+    if measured:
+        lines += [f"Measured on: {measured}. The Quantization column gives the weights and the evaluation "
+                  "precision of each row.", ""]
+    if baseline is not None:
+        lines += [f"Changes (↓/↑ %) on Parameters, GFLOPs, Memory and AUROC are against the "
+                  f"{method_label(baseline, set())}, {baseline.quantization} run ({baseline.run_dir}).", ""]
+    else:
+        lines += ["No baseline run (full FT, unquantized, f32) among these runs: no changes shown; "
+                  "pass --baseline RUN_DIR.", ""]
+    header = [*COLUMNS, *(title for title, _ in extra)]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join((*ALIGN, *("---:",) * len(extra))) + " |")
+    base = baseline.metrics if baseline is not None else {}
+    seen_plans: set = set()
+    sources = []
+    for group in order_rows(runs):
+        label = method_label(group[0], seen_plans)
+        for i, run in enumerate(group):
+            cells = [label if i == 0 else "-", run.quantization]
+            for key in VALUE_KEYS:
+                value = run.metrics.get(key)
+                text = format_value(key, value)
+                if key in CHANGE_KEYS and run is not baseline and text != "—":
+                    text += format_change(value, base.get(key))
+                cells.append(text)
+            cells += [str(getattr(run, attr) or "—") for _, attr in extra]
+            lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
+            status = "" if run.ok else f" — **{run.status}**: {shorten(run.error or '')}"
+            sources.append(f"- {label if i == 0 else '↳'} · {run.quantization}: `{run.run_dir}`{status}")
+    lines += ["", "Run directories (raw numbers in summary.csv):", "", *sources]
+    return "\n".join(lines) + "\n"
