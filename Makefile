@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench gpu-check gpu-wheels clean
 
 demo: $(VENV)/.installed
 	$(BIN)/python run.py experiment=demo
@@ -12,10 +12,18 @@ test: $(VENV)/.installed-test
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check pcamx tests run.py
+	$(BIN)/ruff check pcamx tests scripts run.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pcamx.bench
+
+# On a GPU machine (its own python3 has torch; the rest comes from .whl): make gpu-check [GPU_CHECK_ARGS=--quick]
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Here, before going to the GPU machine: the wheels it lacks, for Python 3.12 manylinux x86-64, into .whl/
+gpu-wheels: $(VENV)/.installed
+	PYTHON=$(BIN)/python scripts/gpu_wheels.sh .whl
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)

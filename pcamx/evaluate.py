@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import check_tta_views, tta_views
 from pcamx.hardware import autocast
@@ -58,9 +59,9 @@ def predict(
     was_training = model.training
     model.eval()
     probs = []
-    for images, _ in tqdm(split.batches(batch_size), total=split.num_batches(batch_size), desc=desc,
-                          disable=None, leave=False):
-        images = images.to(device, non_blocking=True)
-        probs.append(predict_batch(model, images, resolution, views, precision).cpu())
+    batches = to_device(split.batches(batch_size), device)
+    for images, _ in tqdm(batches, total=split.num_batches(batch_size), desc=desc, disable=None, leave=False):
+        probs.append(predict_batch(model, images, resolution, views, precision))
+    # One host sync at the end instead of one per batch.
     model.train(was_training)
-    return split.labels.numpy().copy(), torch.cat(probs).double().numpy()
+    return split.labels.numpy().copy(), torch.cat(probs).cpu().double().numpy()

@@ -3,6 +3,7 @@ clipping, label smoothing, bf16 autocast on CUDA, periodic validation, best/last
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pcamx import io
+from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluate import predict, view_count
@@ -85,9 +87,9 @@ def train_step(
     temperature: float = 1.0,
     kd_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step on a uint8 CPU batch: to the device, batched augmentation there, autocast
-    forward, (distilled) loss, clip, step. Returns the detached loss and distillation term, on the
-    device (no host sync here)."""
+    """One optimizer step on a uint8 batch (moved to the device if it is not there yet): batched
+    augmentation there, autocast forward, (distilled) loss, clip, step. Returns the detached loss and
+    distillation term, on the device (no host sync here)."""
     device = optimizer.param_groups[0]["params"][0].device
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
@@ -126,8 +128,8 @@ def distillation_gap(student: nn.Module, teacher: nn.Module, split: PCamSplit, d
     compression moved the model, and how much healing brought it back."""
     student.eval(), teacher.eval()
     total, n = 0.0, 0
-    for images, _ in split.batches(cfg["data"]["eval_batch_size"]):
-        x = preprocess(images.to(device), cfg["data"]["resolution"])
+    for images, _ in to_device(split.batches(cfg["data"]["eval_batch_size"]), device):
+        x = preprocess(images, cfg["data"]["resolution"])
         with autocast(device, cfg["train"]["precision"]):
             s_logits, t_logits = student(x), teacher(x)
         kd = distillation_loss(s_logits.float(), t_logits.float(), cfg["heal"]["temperature"])
@@ -190,7 +192,7 @@ def train(
     precision = cfg["train"]["precision"]
     jitter = ColorJitter.from_config(dcfg["jitter"])
 
-    optimizer = torch.optim.AdamW(param_groups, lr=tcfg["lr"], fused=device.type == "cuda")
+    optimizer = build_optimizer(param_groups, device, tcfg["lr"])
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     # Augmentation draws from its own generator; the shuffle order of epoch e is a pure function of
@@ -230,11 +232,9 @@ def train(
     for epoch in range(step // steps_per_epoch, epochs):
         order = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
         batches = train_split.batches(batch_size, shuffle=True, generator=order, drop_last=True)
-        for i, (images, labels) in enumerate(batches):
-            if i >= steps_per_epoch:
-                break
-            if epoch * steps_per_epoch + i < step:
-                continue  # trained before the interruption
+        first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch: those batches trained before
+        batches = itertools.islice(batches, first, steps_per_epoch)
+        for i, (images, labels) in enumerate(to_device(batches, device), start=first):
             lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps, tcfg["warmup_zero_start"])
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_scale
@@ -283,6 +283,11 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
+
+
+def build_optimizer(param_groups: list[dict], device: torch.device, lr: float) -> torch.optim.AdamW:
+    """AdamW; the fused kernel on CUDA (one launch for all parameters instead of one per tensor)."""
+    return torch.optim.AdamW(param_groups, lr=lr, fused=device.type == "cuda")
 
 
 RESUME_FILE = "resume.pt"

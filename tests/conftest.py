@@ -20,6 +20,18 @@ SMALL_SIZES = {"train": 512, "valid": 128, "test": 128}
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.cuda` tests are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA (torch {torch.__version__} sees no CUDA device)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:  # not `in keywords`: a test id such as [cuda] is one
+            item.add_marker(skip)
+
+
 def compose_config(*overrides: str, hydra_config: bool = False) -> DictConfig:
     """The config `python run.py <overrides>` would run with."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

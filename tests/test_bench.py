@@ -97,7 +97,14 @@ def test_compress_and_load(bench):
 
 def test_targets_reported(bench):
     names = {t["name"]: t for t in bench["targets"]}
-    assert set(names) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training"}
+    assert set(names) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training",
+                          "host_vs_training", "gpu_training_mfu"}
+    train = bench["sections"]["train"]
+    fastest = max(train[m][k]["images_per_s"] for m in ("head_only", "lora", "fullft")
+                  for k in ("pcamx_eager", "pcamx_compiled") if "images_per_s" in train[m][k])
+    host = bench["sections"]["pipeline"]["host"]["pcamx"]["images_per_s"]
+    assert names["host_vs_training"]["value"] == pytest.approx(host / fastest)
+    assert names["gpu_training_mfu"]["status"].startswith("n/a")
     for target in names.values():
         assert target["status"] in ("met", "not met") or target["status"].startswith("n/a")
     assert names["gpu_eval_tta"]["status"].startswith("n/a")  # CPU run

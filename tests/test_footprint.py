@@ -100,7 +100,7 @@ def test_gflops_bf16(tiny):
     assert gflops(copy.deepcopy(tiny).to(torch.bfloat16), 32) == f32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_gflops_on_cuda_returns_model_home(tiny):
     assert gflops(tiny, 32, device="cuda") == gflops(tiny, 32)
     assert next(tiny.parameters()).device.type == "cpu"

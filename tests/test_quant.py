@@ -93,7 +93,7 @@ def test_cuda_without_cuda_is_refused(mode):
         quantize(make_model(), mode, torch.device("cuda"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode, atol", [("bf16", 2e-2), ("int8", 3e-2)])
 def test_cuda_modes_stay_close_to_f32(mode, atol):
     if mode == "int8":
