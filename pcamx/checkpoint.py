@@ -1,24 +1,102 @@
-"""Start a run from a saved model: `checkpoint=PATH` (a run directory, a .pt file, or a compressed dir)."""
+"""Checkpoints: verified save/read of `.pt` files, and `checkpoint=PATH` (a run directory, a .pt file, or a
+compressed dir) as the start of a run.
+
+Every `.pt` pcamx writes (best.pt, last.pt, resume.pt) carries the sha256 of its content (`sha256`: every
+tensor's dtype, shape and bytes and every other value, in a fixed order), checked when it is read; a
+compressed checkpoint records its weights' sha256 in architecture.json. A damaged file therefore fails with
+a `CheckpointError` that names it, instead of loading plausible wrong weights.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
+from pcamx import io
 from pcamx.compress.spec import ARCHITECTURE_FILE, load_compressed
 from pcamx.model import PCamClassifier
 
+log = logging.getLogger("pcamx")
 COMPRESSED_DIR = "compressed"
 TRAIN_CHECKPOINTS = ("best.pt", "last.pt")
+RESUME_FILE = "resume.pt"
+DIGEST_KEY = "sha256"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or was made for another model."""
+    """A checkpoint is missing, damaged, unreadable, or was made for another model."""
+
+
+def _plain(err: BaseException) -> str:
+    """An exception's message without terminal colour codes (torch's weights-only errors carry some)."""
+    return _ANSI.sub("", f"{type(err).__name__}: {err}").strip()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"N{obj.dtype}{obj.shape}".encode())
+        digest.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, Mapping):
+        digest.update(b"{")
+        for key in sorted(obj, key=str):
+            digest.update(repr(key).encode())
+            _feed(digest, obj[key])
+        digest.update(b"}")
+    elif isinstance(obj, list | tuple):
+        digest.update(b"[")
+        for item in obj:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(repr(obj).encode())
+
+
+def content_digest(payload: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint's content (its `sha256` entry left out)."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return digest.hexdigest()
+
+
+def save_checkpoint(payload: Mapping[str, Any], path: str | Path) -> Path:
+    """Write `payload` atomically with its content digest."""
+    return io.torch_save({**payload, DIGEST_KEY: content_digest(payload)}, path)
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """Load a `.pt` written by `save_checkpoint` and check its digest; CheckpointError when it cannot be
+    read or does not match. One without a digest (written before pcamx recorded them) loads unverified."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as err:
+        raise CheckpointError(f"{path} could not be read ({_plain(err)}); the file is damaged or is not a "
+                              "pcamx checkpoint") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} does not hold a pcamx checkpoint (found a {type(payload).__name__})")
+    recorded = payload.pop(DIGEST_KEY, None)
+    if recorded is None:
+        log.warning("%s has no content digest (written by an older pcamx): loaded without verification", path)
+    elif content_digest(payload) != recorded:
+        raise CheckpointError(f"{path} is damaged: its content no longer matches the sha256 recorded when it was "
+                              "saved. Use another checkpoint of the run (best.pt / last.pt) or train again.")
+    return payload
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -31,6 +109,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "its best.pt / last.pt, or its compressed/ directory"
         )
     if path.is_file():
+        if path.name == RESUME_FILE:
+            raise CheckpointError(
+                f"{path} is the resumable state of an unfinished training run, not a model to start from. "
+                "To continue that run, rerun its command with hydra.run.dir set to its directory; to start "
+                "from its weights, use its best.pt or last.pt once it has finished."
+            )
         return path
     for candidate in (path, path / COMPRESSED_DIR):
         if (candidate / ARCHITECTURE_FILE).is_file():
@@ -53,21 +137,28 @@ def _check_model(saved_name: str | None, model_cfg: Mapping[str, Any], where: Pa
         )
 
 
+def _load_compressed(source: Path, model_cfg: Mapping[str, Any]) -> tuple[PCamClassifier, dict[str, Any]]:
+    try:
+        extra = json.loads((source / ARCHITECTURE_FILE).read_text()).get("extra") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{source / ARCHITECTURE_FILE} could not be read ({_plain(err)}); the compressed "
+                              "checkpoint is damaged") from None
+    _check_model(extra.get("model_name"), model_cfg, source)
+    try:
+        model = load_compressed(source)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"compressed checkpoint {source}: {_plain(err)}") from None
+    return model, {"path": str(source), "kind": "compressed", **extra}
+
+
 def load_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> tuple[PCamClassifier, dict[str, Any]]:
     """The saved classifier (LoRA already merged, compressed architecture rebuilt exactly) and a
     description of where it came from, for metrics.json."""
     source = resolve_checkpoint(path)
     if source.is_dir():
-        extra = json.loads((source / ARCHITECTURE_FILE).read_text()).get("extra") or {}
-        _check_model(extra.get("model_name"), model_cfg, source)
-        model = load_compressed(source)
-        return model, {"path": str(source), "kind": "compressed", **extra}
-
-    try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {source}: {err}") from err
-    if not isinstance(payload, dict) or "model" not in payload or "backbone_config" not in payload:
+        return _load_compressed(source, model_cfg)
+    payload = read_checkpoint(source)
+    if "model" not in payload or "backbone_config" not in payload:
         raise CheckpointError(f"{source} is not a pcamx training checkpoint (no model / backbone_config)")
     _check_model(payload.get("model_name"), model_cfg, source)
     config = DINOv3ViTConfig.from_dict(payload["backbone_config"])

@@ -1,10 +1,18 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of either."""
+"""Atomic file writes: a crash leaves the old file or the new one, never half of either.
+
+A write goes to a temp file beside the destination (`.<name>.<random>.tmp`), is flushed, given the
+permissions the user's umask allows (so colleagues on a shared cluster can read results), and renamed
+onto the destination. A full disk becomes a `DiskFullError` that names the directory and the bytes needed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,24 +20,71 @@ from typing import IO, Any
 
 import torch
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space; says where, how much was needed and how much was free."""
+
+    def __init__(self, path: Path, needed: int | None):
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else None
+        need = f"about {needed:,} bytes" if needed else "more space"
+        have = f"{free:,} bytes are free" if free is not None else "free space unknown"
+        super().__init__(errno.ENOSPC, f"no space left on device: writing {path.name} into {path.parent} needs {need}, "
+                         f"{have} there; free some space or write elsewhere (e.g. hydra.run.dir=/other/disk/...)")
+        self.path, self.needed, self.free = path, needed, free
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save's zip writer reports a short write as "... unexpected pos N vs M" instead of ENOSPC.
+    return isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the destination's directory; rename it onto `path` if the block succeeds."""
+def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temp path in the destination's directory; rename it onto `path` if the block succeeds.
+    `needed` (bytes, an estimate) goes into the message when the disk is full."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if _is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(path, needed) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _write(path: str | Path, mode: str, writer: Callable[[IO], None]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files that writes killed mid-way left in `directory` and its subfolders (call it
+    only on a directory this process owns: another writer's temp file looks the same)."""
+    removed = []
+    for tmp in Path(directory).rglob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _write(path: str | Path, mode: str, writer: Callable[[IO], None], needed: int | None) -> Path:
+    with atomic_path(path, needed) as tmp, open(tmp, mode) as f:
         writer(f)
         f.flush()
         os.fsync(f.fileno())
@@ -37,15 +92,41 @@ def _write(path: str | Path, mode: str, writer: Callable[[IO], None]) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return _write(path, "w", lambda f: f.write(text))
+    data = text.encode()
+    return _write(path, "wb", lambda f: f.write(data), len(data))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested dict/list structure: what a torch.save of it needs, roughly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def torch_save(obj: Any, path: str | Path) -> Path:
-    return _write(path, "wb", lambda f: torch.save(obj, f))
+    return _write(path, "wb", lambda f: torch.save(obj, f), tensor_bytes(obj))
+
+
+def sha256_file(path: str | Path, progress: bool = False) -> str:
+    """Hex sha256 of a file's bytes (a progress bar for big files with `progress`)."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"sha256 {path.name}", disable=None if progress else True) as bar:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,8 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pcamx import io
-from pcamx.checkpoint import COMPRESSED_DIR, load_checkpoint
+from pcamx import interrupts, io
+from pcamx.checkpoint import COMPRESSED_DIR, RESUME_FILE, load_checkpoint
 from pcamx.compress.chain import compress, plan
 from pcamx.compress.spec import save_compressed
 from pcamx.data.pcam import PCamSplit
@@ -28,13 +30,15 @@ from pcamx.data.transforms import ColorJitter
 from pcamx.evaluate import predict, view_count
 from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
 from pcamx.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
+from pcamx.interrupts import RunInterrupted
+from pcamx.locks import RunDirBusy, claim_run_dir
 from pcamx.methods import apply_method
 from pcamx.metrics import SELECT_METRICS, binary_metrics
 from pcamx.model import build_model
 from pcamx.quant import check_quantization, eval_precision_label, quantize
 from pcamx.report.run_files import plot_roc, write_predictions
 from pcamx.tracking import Tracker
-from pcamx.train import RESUME_FILE, TrainResult, distillation_gap, train, validate
+from pcamx.train import TrainResult, distillation_gap, train, validate
 
 log = logging.getLogger("pcamx")
 METRIC_KEYS = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
@@ -62,8 +66,10 @@ def load_data(dcfg: DictConfig) -> Data:
     limits = {"train": dcfg.limit_train, "valid": dcfg.limit_val, "test": dcfg.limit_test}
     # The marker file, not the config, decides: generated data is never reported as PCam.
     source = "synthetic" if is_synthetic(root) else "pcam"
+    # Streaming reads valid and test through once up front: a damaged file fails now, not after training.
     splits = {
-        name: PCamSplit.load(root, name, limit=limits[name], in_memory=dcfg.in_memory, source=source)
+        name: PCamSplit.load(root, name, limit=limits[name], in_memory=dcfg.in_memory, source=source,
+                             verify=name != "train")
         for name in ("train", "valid", "test")
     }
     return Data(**splits, source=source)
@@ -113,29 +119,72 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Execute one configured run; returns what it wrote to metrics.json. A failure still writes
-    metrics.json (status "failed" with the error) before re-raising, so sweeps can report it."""
+    """Execute one configured run; returns what it wrote to metrics.json.
+
+    The run owns its directory for its whole life (a lock; a second run there fails at once, before
+    writing anything). A failure still writes metrics.json (status "failed" with the error, and `reason:
+    diverged` for a diverged training) before re-raising, so sweeps can report it; a SIGTERM/SIGINT writes
+    status "interrupted" and raises RunInterrupted."""
     run_dir = resolve_run_dir(run_dir)
+    lock = claim_run_dir(run_dir)
+    hydra_files = _snapshot(run_dir / ".hydra")
     try:
-        return _run(cfg, run_dir)
+        for stale in io.remove_stale_temps(run_dir):
+            log.info("removed %s, left by a write that was killed", stale)
+        with interrupts.handling():
+            return _run(cfg, run_dir)
+    except RunInterrupted as err:
+        resumable = (run_dir / RESUME_FILE).is_file()
+        io.write_json(run_dir / "metrics.json", {
+            "status": "interrupted", "signal": signal.Signals(err.signum).name, "step": err.step,
+            "resume": "rerun the same command (resume=auto) to continue from resume.pt" if resumable else
+                      "no training progress to keep: rerunning starts over",
+            "run_dir": str(run_dir),
+        })
+        raise
     except Exception as err:
         io.write_json(run_dir / "metrics.json", {
             "status": "failed",
+            "reason": getattr(err, "reason", "error"),
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(),
             "run_dir": str(run_dir),
         })
         raise
+    finally:
+        _restore(run_dir / ".hydra", hydra_files)
+        lock.release()
+
+
+def _snapshot(directory: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in directory.glob("*.yaml")} if directory.is_dir() else {}
+
+
+def _restore(directory: Path, files: dict[Path, bytes]) -> None:
+    """Put back this run's .hydra/ files if a run refused entry meanwhile overwrote them (Hydra writes them
+    before the refused run reaches its lock)."""
+    for path, content in files.items():
+        if not path.is_file() or path.read_bytes() != content:
+            io.write_text(path, content.decode())
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     """What `run.py` calls. In a sweep a failed job is recorded (metrics.json) and logged instead of
     raised: Hydra's sweeper would otherwise abort before the summary callback writes the table, and
-    that callback exits non-zero for failed runs, so the command's status still says so."""
+    that callback exits non-zero for failed runs, so the command's status still says so. An interrupted
+    run prints one line and exits with 128 + the signal number (a requeue signal goes on to submitit)."""
     from pcamx.report.callback import sweep_reports_failures
 
     try:
         return run(cfg)
+    except RunInterrupted as err:
+        where = f" after step {err.step}" if err.step is not None else ""
+        print(f"pcamx: stopped by {signal.Signals(err.signum).name}{where}; rerun the same command to continue",
+              file=sys.stderr, flush=True)
+        interrupts.forward(err.signum)
+        raise SystemExit(err.exit_code) from None
+    except RunDirBusy:
+        raise
     except Exception:
         if not sweep_reports_failures():
             raise

@@ -4,8 +4,8 @@ clipping, label smoothing, bf16 autocast on CUDA, periodic validation, best/last
 from __future__ import annotations
 
 import itertools
+import logging
 import math
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,16 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pcamx import io
+from pcamx import interrupts, resume
+from pcamx.checkpoint import RESUME_FILE, save_checkpoint
 from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluate import predict, view_count
 from pcamx.hardware import autocast
+from pcamx.interrupts import RunInterrupted
 from pcamx.methods import merge_lora, plain_state_dict
 from pcamx.metrics import METRIC_ALIASES, binary_metrics, improves
 from pcamx.model import PCamClassifier
 from pcamx.tracking import Tracker
+
+log = logging.getLogger("pcamx")
 
 
 @dataclass
@@ -59,12 +63,25 @@ def smoothed_ce_from_probs(labels: np.ndarray, probs: np.ndarray, smoothing: flo
     return float(np.mean((1 - smoothing) * nll - smoothing * logp.mean(axis=1)))
 
 
-def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any]) -> dict[str, float]:
-    """Validation metrics and val_loss; part of training, so at `train.precision`."""
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or weight: training stopped, and nothing from that step on was saved."""
+
+    reason = "diverged"
+
+
+def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+    """Validation metrics and val_loss; part of training, so at `train.precision`. Non-finite predictions
+    (finite weights too large for the forward) mean the training diverged."""
     labels, probs = predict(
         model, split, device, cfg["data"]["eval_batch_size"], cfg["data"]["resolution"],
         views=view_count(cfg["eval"], validation=True), precision=cfg["train"]["precision"], desc="val",
     )
+    if not np.isfinite(probs).all():
+        where = f" after step {step}" if step is not None else ""
+        bad = int((~np.isfinite(probs)).sum())
+        raise TrainingDiverged(f"training diverged: validation{where} predicted NaN/inf for {bad} of {len(probs)} "
+                               "patches; nothing from this point on was saved. Lower the learning rate or clip "
+                               "gradients (train.grad_clip), then start over.")
     metrics = binary_metrics(labels, probs)
     metrics["val_loss"] = smoothed_ce_from_probs(labels, probs, cfg["train"]["label_smoothing"])
     return metrics
@@ -86,10 +103,10 @@ def train_step(
     teacher: nn.Module | None = None,
     temperature: float = 1.0,
     kd_weight: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step on a uint8 batch (moved to the device if it is not there yet): batched
-    augmentation there, autocast forward, (distilled) loss, clip, step. Returns the detached loss and
-    distillation term, on the device (no host sync here)."""
+    augmentation there, autocast forward, (distilled) loss, clip, step. Returns the detached loss,
+    distillation term and gradient norm (before clipping), on the device (no host sync here)."""
     device = optimizer.param_groups[0]["params"][0].device
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
@@ -105,11 +122,11 @@ def train_step(
         loss = loss + kd_weight * kd
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # max_norm=inf measures without clipping: the norm is what the divergence check reads.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     optimizer.step()
-    return loss.detach(), None if kd is None else kd.detach()
+    return loss.detach(), None if kd is None else kd.detach(), grad_norm.detach()
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -151,6 +168,47 @@ def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int,
     }
 
 
+class FiniteWatch:
+    """Checks each step's loss and gradient norm for NaN/inf, one step late: reading them waits only for
+    the previous step, which has finished, so the device always has the current step queued."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+        self.pending: tuple[int, torch.Tensor, torch.Tensor, list[float]] | None = None
+        self.last_finite: tuple[int, float] | None = None
+
+    def push(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lrs: list[float]) -> None:
+        self.flush()
+        self.pending = (step, loss, grad_norm, lrs)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, loss, grad_norm, lrs = self.pending
+        self.pending = None
+        loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.last_finite = (step, loss_value)
+            return
+        last = ("no step before it had a finite loss" if self.last_finite is None else
+                f"the last finite loss was {self.last_finite[1]:.4g} at step {self.last_finite[0]}")
+        raise TrainingDiverged(
+            f"{self.phase} diverged at step {step}: loss {loss_value}, gradient norm {norm_value}, learning rates "
+            f"{', '.join(f'{lr:.3g}' for lr in lrs)}; {last}. Nothing from this step on was saved. Lower the "
+            "learning rate (train.lr, method.lr_*) or clip gradients (train.grad_clip), then start over "
+            "(resume=false or a new run directory)."
+        )
+
+
+def check_finite_weights(model: nn.Module, step: int) -> None:
+    """Refuse to save weights that are NaN or inf (one reduction per tensor, only when saving)."""
+    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not finite.item():
+        raise TrainingDiverged(f"training diverged: the weights became non-finite after step {step}; nothing was "
+                               "saved. Lower the learning rate or clip gradients (train.grad_clip), then start over "
+                               "(resume=false).")
+
+
 def train(
     model: PCamClassifier,
     param_groups: list[dict],
@@ -174,6 +232,9 @@ def train(
     healed model is saved as a compressed checkpoint by the caller. `baseline_val` (the starting
     weights' validation metrics) makes the starting point a candidate too: if no step beats it on
     `select_metric`, the model ends with its starting weights, so healing never makes validation worse.
+
+    Stops with TrainingDiverged at a non-finite loss or gradient norm, and with RunInterrupted after the
+    current step when SIGTERM/SIGINT arrives (training writes resume.pt first).
     """
     tcfg, dcfg = cfg["train"], cfg["data"]
     epochs = tcfg["epochs"] if epochs is None else epochs
@@ -191,6 +252,7 @@ def train(
     checkpoint_every = tcfg.get("checkpoint_every") or 0
     precision = cfg["train"]["precision"]
     jitter = ColorJitter.from_config(dcfg["jitter"])
+    settings = resume.fingerprint(cfg)
 
     optimizer = build_optimizer(param_groups, device, tcfg["lr"])
     for group in optimizer.param_groups:
@@ -204,82 +266,100 @@ def train(
         result.best_val, result.best_step, best_state = baseline_val, 0, plain_state_dict(model)
     model.to(device).train()
     forward = torch.compile(model) if cfg["hardware"].get("compile") else model
-    step = 0
+    step, seconds_before = 0, 0.0
     if save:
-        state = load_resume_state(run_dir, cfg.get("resume", "auto"))
+        state = resume.load_state(run_dir, cfg.get("resume", "auto"), settings)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             aug_generator.set_state(state["aug_generator"])
-            set_rng_state(state["rng"])
+            resume.set_rng_state(state["rng"])
             step, best_state, result.history = state["step"], state["best_state"], state["history"]
             result.best_val, result.best_step = state["best_val"], state["best_step"]
-            result.last_val = state["last_val"]
+            result.last_val, seconds_before = state["last_val"], state.get("seconds", 0.0)
+            log.info("resumed from step %d of %d (epoch %d of %d) in %s", step, total_steps,
+                     step // steps_per_epoch + 1, epochs, run_dir / RESUME_FILE)
+    log.info("%s: %d steps (%d epochs x %d), batch %d, %s", phase, total_steps, epochs, steps_per_epoch, batch_size,
+             precision)
     t0 = time.time()
     bar = tqdm(total=total_steps, initial=step, desc=phase, disable=None)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     kd_window: list[torch.Tensor] = []
+    watch = FiniteWatch(phase)
 
     def save_resume_state() -> None:
-        io.torch_save({
+        watch.flush()
+        check_finite_weights(model, step)
+        resume.save_state(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "aug_generator": aug_generator.get_state(), "rng": get_rng_state(), "best_state": best_state,
-            "best_val": result.best_val, "best_step": result.best_step, "last_val": result.last_val,
-            "history": result.history,
-        }, run_dir / RESUME_FILE)
+            "aug_generator": aug_generator.get_state(), "best_state": best_state, "best_val": result.best_val,
+            "best_step": result.best_step, "last_val": result.last_val, "history": result.history,
+            "seconds": seconds_before + time.time() - t0,
+        }, settings)
 
-    for epoch in range(step // steps_per_epoch, epochs):
-        order = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
-        batches = train_split.batches(batch_size, shuffle=True, generator=order, drop_last=True)
-        first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch: those batches trained before
-        batches = itertools.islice(batches, first, steps_per_epoch)
-        for i, (images, labels) in enumerate(to_device(batches, device), start=first):
-            lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps, tcfg["warmup_zero_start"])
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_scale
-            loss, kd = train_step(
-                forward, optimizer, images, labels, resolution=resolution, augment=dcfg["augment"],
-                generator=aug_generator, precision=precision, jitter=jitter, label_smoothing=tcfg["label_smoothing"],
-                grad_clip=tcfg["grad_clip"], teacher=teacher,
-                temperature=cfg["heal"]["temperature"] if teacher is not None else 1.0,
-                kd_weight=cfg["heal"]["kd_weight"] if teacher is not None else 0.0,
-            )
-            if kd is not None:
-                kd_window.append(kd)
-            step += 1
-            bar.update()
-            if step % LOG_EVERY == 0:  # .item() waits for the GPU: not every step
-                tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch},
-                            step=step_offset + step)
+    with interrupts.deferred():
+        for epoch in range(step // steps_per_epoch, epochs):
+            order = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
+            batches = train_split.batches(batch_size, shuffle=True, generator=order, drop_last=True)
+            first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch: trained before
+            batches = itertools.islice(batches, first, steps_per_epoch)
+            for i, (images, labels) in enumerate(to_device(batches, device), start=first):
+                lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps, tcfg["warmup_zero_start"])
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_scale
+                loss, kd, grad_norm = train_step(
+                    forward, optimizer, images, labels, resolution=resolution, augment=dcfg["augment"],
+                    generator=aug_generator, precision=precision, jitter=jitter,
+                    label_smoothing=tcfg["label_smoothing"], grad_clip=tcfg["grad_clip"], teacher=teacher,
+                    temperature=cfg["heal"]["temperature"] if teacher is not None else 1.0,
+                    kd_weight=cfg["heal"]["kd_weight"] if teacher is not None else 0.0,
+                )
+                watch.push(step, loss, grad_norm, [g["lr"] for g in optimizer.param_groups])
+                if kd is not None:
+                    kd_window.append(kd)
+                step += 1
+                bar.update()
+                if step % LOG_EVERY == 0:  # .item() waits for the GPU: not every step
+                    tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch},
+                                step=step_offset + step)
 
-            end_of_epoch = i + 1 == steps_per_epoch
-            if step % val_interval == 0 or end_of_epoch:
-                val = validate(model, val_split, device, cfg)
-                model.train()
-                record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
-                if kd_window:
-                    record["kd_loss"] = torch.stack(kd_window).mean().item()
-                    kd_window = []
-                result.history.append(record)
-                val_prefix = "val" if phase == "train" else f"{phase}_val"
-                tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step_offset + step)
-                bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
-                if improves(val, result.best_val, select, tiebreak):
-                    result.best_val, result.best_step = val, step
-                    payload = checkpoint_payload(model, cfg, step, val)
-                    best_state = payload["model"]
-                    if save and tcfg["save_best"]:
-                        io.torch_save(payload, run_dir / "best.pt")
-                result.last_val = val
-            if save and (end_of_epoch or (checkpoint_every and step % checkpoint_every == 0)):
-                save_resume_state()
+                end_of_epoch = i + 1 == steps_per_epoch
+                if step % val_interval == 0 or end_of_epoch:
+                    watch.flush()
+                    check_finite_weights(model, step)
+                    val = validate(model, val_split, device, cfg, step)
+                    model.train()
+                    record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
+                    if kd_window:
+                        record["kd_loss"] = torch.stack(kd_window).mean().item()
+                        kd_window = []
+                    result.history.append(record)
+                    val_prefix = "val" if phase == "train" else f"{phase}_val"
+                    tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step_offset + step)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
+                    if improves(val, result.best_val, select, tiebreak):
+                        result.best_val, result.best_step = val, step
+                        payload = checkpoint_payload(model, cfg, step, val)
+                        best_state = payload["model"]
+                        if save and tcfg["save_best"]:
+                            save_checkpoint(payload, run_dir / "best.pt")
+                    result.last_val = val
+                if save and (end_of_epoch or (checkpoint_every and step % checkpoint_every == 0)):
+                    save_resume_state()
+                if signum := interrupts.requested():
+                    if save:
+                        save_resume_state()
+                    bar.close()
+                    raise RunInterrupted(signum, step)
+        watch.flush()
     bar.close()
-    result.steps, result.seconds = step, time.time() - t0
+    result.steps, result.seconds = step, seconds_before + time.time() - t0
 
     merge_lora(model)
     if save and tcfg["save_last"] and step:
-        io.torch_save(checkpoint_payload(model, cfg, step, result.last_val), run_dir / "last.pt")
+        check_finite_weights(model, step)
+        save_checkpoint(checkpoint_payload(model, cfg, step, result.last_val), run_dir / "last.pt")
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
@@ -290,40 +370,4 @@ def build_optimizer(param_groups: list[dict], device: torch.device, lr: float) -
     return torch.optim.AdamW(param_groups, lr=lr, fused=device.type == "cuda")
 
 
-RESUME_FILE = "resume.pt"
 LOG_EVERY = 10  # steps between training-loss logs
-
-
-def get_rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_resume_state(run_dir: Path, resume: str | bool) -> dict[str, Any] | None:
-    """The interrupted run's state in `run_dir`, if this run should continue it.
-
-    resume=auto (default) continues whenever the run directory holds resume.pt — which happens only
-    when a directory is reused: a Slurm job requeued by submitit after preemption or timeout, or a run
-    started again with the same hydra.run.dir. resume=true insists on it; resume=false starts over."""
-    path = run_dir / RESUME_FILE
-    if resume is False or resume == "false":
-        return None
-    if not path.is_file():
-        if resume is True or resume == "true":
-            raise FileNotFoundError(
-                f"resume=true but {path} does not exist; point hydra.run.dir at the interrupted run's directory"
-            )
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)

@@ -395,10 +395,14 @@ def test_weights_that_do_not_match_the_spec_are_reported(tmp_path):
     compress(pruned, "heads", 0.5)
     save_compressed(pruned, tmp_path / "pruned")
     save_compressed(make_model(), tmp_path / "full")
-    # Pair the full model's weights with the pruned model's architecture.
-    (tmp_path / "full" / "architecture.json").write_text(
-        (tmp_path / "pruned" / "architecture.json").read_text()
-    )
+    # Pair the full model's weights with the pruned model's architecture: the recorded sha256 says so ...
+    spec = json.loads((tmp_path / "pruned" / "architecture.json").read_text())
+    (tmp_path / "full" / "architecture.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointMismatchError, match="sha256 differs from the one recorded"):
+        load_compressed(tmp_path / "full")
+    # ... and without it (a spec written before digests were recorded) the shapes do.
+    del spec["weights_sha256"]
+    (tmp_path / "full" / "architecture.json").write_text(json.dumps(spec))
     with pytest.raises(CheckpointMismatchError, match="do not match the architecture"):
         load_compressed(tmp_path / "full")
 

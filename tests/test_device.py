@@ -55,7 +55,7 @@ def one_step(method: str, device: torch.device, precision: str) -> tuple[PCamCla
     dtypes = []
     hook = model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     images, labels = batch()
-    loss, _ = train_step(model, optimizer, images, labels, resolution=32, augment=True,
+    loss, _, _ = train_step(model, optimizer, images, labels, resolution=32, augment=True,
                          generator=torch.Generator().manual_seed(0), precision=precision, jitter=JITTER,
                          label_smoothing=0.05, grad_clip=1.0)
     hook.remove()
@@ -134,7 +134,7 @@ def test_compiled_train_step_equals_eager() -> None:
         losses = []
         for seed in range(3):
             images, labels = batch(16, seed)
-            loss, _ = train_step(forward, optimizer, images, labels, resolution=32, augment=True,
+            loss, _, _ = train_step(forward, optimizer, images, labels, resolution=32, augment=True,
                                  generator=generator, precision="fp32", jitter=JITTER, grad_clip=1.0)
             losses.append(loss.item())
         results.append((losses, {n: p.detach().cpu() for n, p in model.named_parameters()}))

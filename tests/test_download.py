@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pcamx.data import download
-from pcamx.data.download import ChecksumError, DownloadError, download_pcam, main
+from pcamx.data.download import SUMS_FILE, ChecksumError, DownloadError, download_pcam, main, verify_pcam
 from pcamx.data.layout import all_file_names, file_name
 
 NAMES = all_file_names()
@@ -105,8 +105,8 @@ def server() -> Iterator[FakeZenodo]:
 
 
 def _assert_clean(root: Path, expected: list[str]) -> None:
-    # No `.part`, `.gz` or extraction temp file may survive a successful run.
-    assert sorted(os.listdir(root)) == sorted(expected)
+    # No `.part`, `.gz` or extraction temp file may survive a successful run (SHA256SUMS is the record).
+    assert sorted(set(os.listdir(root)) - {SUMS_FILE}) == sorted(expected)
 
 
 def test_full_download_verifies_and_extracts_every_file(server: FakeZenodo, tmp_path: Path) -> None:
@@ -117,6 +117,31 @@ def test_full_download_verifies_and_extracts_every_file(server: FakeZenodo, tmp_
         assert (root / name).read_bytes() == server.payloads[name]
     _assert_clean(root, NAMES)
     assert [r for _, r in server.requests] == [None] * len(NAMES)
+    # The digests recorded at extraction are the payloads' own, in sha256sum's format.
+    assert (root / SUMS_FILE).read_text() == "".join(
+        f"{hashlib.sha256(server.payloads[n]).hexdigest()}  {n}\n" for n in sorted(NAMES))
+
+
+def test_verify_finds_a_damaged_and_a_missing_file(server: FakeZenodo, tmp_path: Path, capsys) -> None:
+    root = tmp_path / "pcam"
+    download_pcam(root, base_url=server.base_url, md5s=server.md5s, progress=False)
+    assert set(verify_pcam(root, progress=False).values()) == {"ok"}
+    with pytest.raises(SystemExit) as ok:
+        main(["--root", str(root), "--verify"])
+    assert ok.value.code == 0
+    damaged = root / NAMES[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    (root / NAMES[1]).unlink()
+    result = verify_pcam(root, progress=False)
+    assert result[NAMES[0]] == "damaged" and result[NAMES[1]] == "missing"
+    assert [v for k, v in result.items() if k not in NAMES[:2]] == ["ok"] * (len(NAMES) - 2)
+    with pytest.raises(SystemExit) as bad:
+        main(["--root", str(root), "--verify"])
+    assert bad.value.code == 1
+    err = capsys.readouterr().err
+    assert "2 file(s) damaged or missing" in err and f"--root {root}" in err
 
 
 def test_resumes_a_partial_download_with_a_range_request(server: FakeZenodo, tmp_path: Path) -> None:

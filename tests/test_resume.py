@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose_config, fast_overrides
 from pcamx import pipeline, train
-from pcamx.train import RESUME_FILE
+from pcamx.checkpoint import RESUME_FILE
 
 
 class Killed(BaseException):

@@ -50,7 +50,7 @@ def test_a100_composes_the_slurm_launcher_with_the_documented_settings(conf: Pat
     cfg = compose_from(conf, "hardware=a100")
     assert cfg.hydra.mode == RunMode.MULTIRUN  # `python run.py hardware=a100` submits, no login-node run
     assert cfg.hydra.runtime.choices["hydra/launcher"] == "submitit_slurm"
-    assert launcher_target(cfg) == "SlurmLauncher"
+    assert launcher_target(cfg) == "ReportingSlurmLauncher"  # reports jobs lost to OOM, scancel, node failure
     hw = cfg.hardware
     assert (hw.device, hw.precision, hw.compile, hw.num_threads) == ("cuda", "bf16", True, None)
     launcher = cfg.hydra.launcher
@@ -71,7 +71,7 @@ def test_other_hardware_keeps_the_basic_launcher(conf: Path, option: str) -> Non
 
 def test_submitit_local_runs_on_the_cpu_as_a_multirun(conf: Path) -> None:
     cfg = compose_from(conf, "hardware=submitit_local")
-    assert launcher_target(cfg) == "LocalLauncher" and cfg.hydra.mode == RunMode.MULTIRUN
+    assert launcher_target(cfg) == "ReportingLocalLauncher" and cfg.hydra.mode == RunMode.MULTIRUN
     assert cfg.hardware.device == "cpu" and cfg.hydra.sweeper.max_batch_size == 2
 
 

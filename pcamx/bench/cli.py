@@ -158,8 +158,14 @@ def _loadavg() -> list[float] | None:
 
 def environment(settings: Settings) -> dict[str, Any]:
     import h5py
-    import torchvision
     import transformers
+
+    try:
+        import torchvision
+
+        torchvision_version = torchvision.__version__
+    except ImportError:
+        torchvision_version = None
 
     device = settings.device
     return {
@@ -171,7 +177,7 @@ def environment(settings: Settings) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": torchvision_version,
         "h5py": h5py.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

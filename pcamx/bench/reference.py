@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
-from transformers import DINOv3ViTImageProcessor
 
 from pcamx.data.layout import X_KEY, Y_KEY
 from pcamx.data.pcam import split_paths
@@ -44,7 +42,12 @@ class RandomRot90:
         return img if op is None else img.transpose(op)
 
 
-def reference_augmentation() -> T.Compose:
+def reference_augmentation() -> Callable[[Image.Image], Image.Image]:
+    try:  # torchvision only backs this reference pipeline: pcamx itself never needs it
+        from torchvision import transforms as T
+    except ImportError as err:
+        raise ImportError("the benchmark's reference pipeline needs torchvision: pip install -e '.[bench]' "
+                          "(`make bench` installs it)") from err
     return T.Compose([
         T.RandomHorizontalFlip(),
         T.RandomVerticalFlip(),
@@ -61,6 +64,8 @@ class ReferencePCamDataset(Dataset):
         with h5py.File(self.x_path, "r") as f:
             self.n = f[X_KEY].shape[0]
         self.augment = reference_augmentation() if train else None
+        from transformers import DINOv3ViTImageProcessor  # its import needs torchvision too
+
         self.processor = DINOv3ViTImageProcessor(size={"height": resolution, "width": resolution})
         self._x: h5py.Dataset | None = None
         self._y: h5py.Dataset | None = None

@@ -69,12 +69,13 @@ def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    text = json.dumps(spec, indent=2, sort_keys=True)
 
-    # Weights first, so a new directory never holds an architecture.json without its weights.
-    with io.atomic_path(directory / WEIGHTS_FILE) as tmp:
+    # Weights first, so a new directory never holds an architecture.json without its weights; the spec
+    # records their sha256, checked on load.
+    with io.atomic_path(directory / WEIGHTS_FILE, io.tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=_METADATA)
-    io.write_text(directory / ARCHITECTURE_FILE, text + "\n")
+        spec["weights_sha256"] = io.sha256_file(tmp)
+    io.write_text(directory / ARCHITECTURE_FILE, json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -134,6 +135,11 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
         if not path.is_file():
             raise FileNotFoundError(f"compressed checkpoint is missing {path}")
     spec = _read_spec(spec_path)
+    recorded = spec.get("weights_sha256")
+    if recorded and io.sha256_file(weights_path) != recorded:
+        raise CheckpointMismatchError(
+            f"{weights_path} is damaged: its sha256 differs from the one recorded in {spec_path} when it was saved"
+        )
 
     config = DINOv3ViTConfig.from_dict(spec["backbone_config"])
     backbone = DINOv3ViTModel(config)
@@ -147,7 +153,10 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
         ) from err
     model.to(dtype=getattr(torch, spec.get("dtype", "float32")))
 
-    state = load_file(str(weights_path), device="cpu")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as err:  # safetensors' own error type; a damaged header or truncated file
+        raise CheckpointMismatchError(f"{weights_path} could not be read: {err}") from err
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

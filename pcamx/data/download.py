@@ -4,7 +4,8 @@
 
 Downloads go to `<name>.h5.gz.part` and resume with an HTTP Range request when re-run; only a file
 whose md5 matches becomes `<name>.h5.gz`, and the `.h5` appears through an atomic rename, so an
-interrupted run never leaves a half-written file under a final name.
+interrupted run never leaves a half-written file under a final name. The sha256 of every extracted `.h5`
+is recorded in `<root>/SHA256SUMS` (the `sha256sum` format); `--verify` re-checks the files against it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import http.client
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pcamx import io
 from pcamx.data.layout import SPLITS, X_KEY, Y_KEY, all_file_names, file_name
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
@@ -42,6 +43,7 @@ PCAM_MD5: dict[str, str] = {
     "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
 }
 
+SUMS_FILE = "SHA256SUMS"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -105,7 +107,7 @@ def download_pcam(
                     "the download was deleted, re-run to fetch it again"
                 )
             os.replace(part, gz)
-        _gunzip(gz, final, progress)
+        record_digest(root, name, _gunzip(gz, final, progress))
         if not keep_gz:
             gz.unlink()
         done.append(final)
@@ -185,37 +187,62 @@ def _md5(path: Path, progress: bool) -> str:
     return digest.hexdigest()
 
 
-def _gunzip(src: Path, dst: Path, progress: bool) -> None:
-    """Extract `src` to `dst` through a temp file in the same directory, so the rename is atomic."""
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+def _gunzip(src: Path, dst: Path, progress: bool) -> str:
+    """Extract `src` to `dst` atomically; returns the sha256 of the extracted bytes."""
+    digest = hashlib.sha256()
     try:
         with (
-            os.fdopen(fd, "wb") as out,
+            io.atomic_path(dst) as tmp,
+            open(tmp, "wb") as out,
             open(src, "rb") as raw,
             gzip.GzipFile(fileobj=raw) as inp,
-            tqdm(
-                total=src.stat().st_size,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"gunzip {src.name}",
-                disable=None if progress else True,
-            ) as bar,
+            tqdm(total=src.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"gunzip {src.name}",
+                 disable=None if progress else True) as bar,
         ):
             while chunk := inp.read(_CHUNK):
                 out.write(chunk)
+                digest.update(chunk)
                 # Count compressed bytes consumed: the uncompressed size is not known up front.
                 bar.update(raw.tell() - bar.n)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except (OSError, EOFError, zlib.error) as e:
-        tmp.unlink(missing_ok=True)
-        raise DownloadError(f"could not extract {src} to {dst}: {e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except io.DiskFullError:
         raise
+    except (OSError, EOFError, zlib.error) as e:
+        raise DownloadError(f"could not extract {src} to {dst}: {e}") from e
+    return digest.hexdigest()
+
+
+def read_digests(root: Path) -> dict[str, str]:
+    """name → sha256 recorded at extraction (empty when nothing was recorded)."""
+    path = root / SUMS_FILE
+    if not path.is_file():
+        return {}
+    pairs = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    return {name.strip().lstrip("*"): digest for digest, name in pairs}
+
+
+def record_digest(root: Path, name: str, digest: str) -> None:
+    digests = {**read_digests(root), name: digest}
+    io.write_text(root / SUMS_FILE, "".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
+
+
+def verify_pcam(root: str | os.PathLike[str], files: Iterable[str] | None = None,
+                progress: bool = True) -> dict[str, str]:
+    """Re-check each extracted `.h5` against the sha256 recorded when it was extracted.
+    Returns name → "ok" | "damaged" | "missing" | "no digest recorded"."""
+    root = Path(root)
+    digests = read_digests(root)
+    result = {}
+    for name in (all_file_names() if files is None else files):
+        path = root / name
+        if not path.is_file():
+            result[name] = "missing"
+        elif name not in digests:
+            result[name] = "no digest recorded"
+        else:
+            result[name] = "ok" if io.sha256_file(path, progress) == digests[name] else "damaged"
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -229,14 +256,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to fetch (default: all)"
     )
+    parser.add_argument("--verify", action="store_true",
+                        help=f"re-check the extracted .h5 files against the sha256 recorded in {SUMS_FILE}; "
+                             "exit 1 if one is damaged or missing")
     args = parser.parse_args(argv)
     names = [file_name(split, kind) for split in args.splits for kind in (X_KEY, Y_KEY)]
+    if args.verify:
+        sys.exit(_report_verify(args.root, verify_pcam(args.root, names)))
     try:
         paths = download_pcam(args.root, base_url=args.base_url, files=names, keep_gz=args.keep_gz)
     except DownloadError as e:
         sys.exit(f"error: {e}")
     for path in paths:
         print(path)
+
+
+def _report_verify(root: Path, result: dict[str, str]) -> int:
+    for name, status in result.items():
+        print(f"{status:>18}  {root / name}")
+    bad = [n for n, status in result.items() if status in ("damaged", "missing")]
+    if bad:
+        print(f"{len(bad)} file(s) damaged or missing: delete them and run `python -m pcamx.data.download "
+              f"--root {root}` to fetch them again", file=sys.stderr)
+        return 1
+    if any(status != "ok" for status in result.values()):
+        print(f"files without a recorded digest were extracted before pcamx recorded digests ({SUMS_FILE}); "
+              "delete and download them again to be able to verify them", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Two modes share one batch interface:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, X_KEY, Y_KEY, file_name
+from pcamx.data.synthetic import is_synthetic
 
 DOWNLOAD_HINT = "python -m pcamx.data.download --root {root}"
 # Rows per contiguous read: large enough to amortize chunk decompression, small enough to bound RAM.
@@ -26,7 +28,19 @@ SLAB_ROWS = 4096
 
 
 class PCamDataError(RuntimeError):
-    """A PCam file is missing or does not have the official layout."""
+    """A PCam file is missing, damaged or does not have the official layout."""
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """HDF5 read errors ("filter returned failure", a truncated file) with the file's name and the way out."""
+    try:
+        yield
+    except OSError as err:
+        fix = ("delete the directory and the run generates it again" if is_synthetic(path.parent) else
+               f"check it with `python -m pcamx.data.download --root {path.parent} --verify`, delete it and "
+               "download it again")
+        raise PCamDataError(f"{path} could not be read ({err}): the file is damaged; {fix}") from err
 
 
 def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -87,7 +101,7 @@ class SplitFiles:
 
     def read_labels(self) -> np.ndarray:
         # Read the (N,1,1,1) array at once and squeeze: NumPy 2 refuses int() on a (1,1,1) element.
-        with h5py.File(self.y_path, "r") as f:
+        with reading(self.y_path), h5py.File(self.y_path, "r") as f:
             labels = np.empty((self.n, *LABEL_SHAPE), dtype=np.uint8)
             f[Y_KEY].read_direct(labels, np.s_[0 : self.n])
         labels = labels.reshape(self.n)
@@ -98,9 +112,16 @@ class SplitFiles:
     def read_images(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) in one contiguous read."""
         out = np.empty((stop - start, *IMAGE_SHAPE), dtype=np.uint8) if out is None else out
-        with h5py.File(self.x_path, "r") as f:
+        with reading(self.x_path), h5py.File(self.x_path, "r") as f:
             f[X_KEY].read_direct(out, np.s_[start:stop])
         return out
+
+    def verify_images(self) -> None:
+        """Read every image once (slab by slab, nothing kept): a damaged file fails now, not mid-run."""
+        buffer = np.empty((SLAB_ROWS, *IMAGE_SHAPE), dtype=np.uint8)
+        for start in range(0, self.n, SLAB_ROWS):
+            stop = min(start + SLAB_ROWS, self.n)
+            self.read_images(start, stop, buffer[: stop - start])
 
 
 class PCamSplit:
@@ -110,7 +131,7 @@ class PCamSplit:
     to the device, where all float work happens.
     """
 
-    def __init__(self, files: SplitFiles, in_memory: bool = True, source: str = "pcam"):
+    def __init__(self, files: SplitFiles, in_memory: bool = True, source: str = "pcam", verify: bool = False):
         self.files = files
         self.in_memory = in_memory
         self.source = source
@@ -118,10 +139,14 @@ class PCamSplit:
         self.images: torch.Tensor | None = None
         if in_memory:
             self.images = torch.from_numpy(self._read_all())
+        elif verify:
+            files.verify_images()
 
     @classmethod
-    def load(cls, root: str | Path, split: str, limit: int = 0, in_memory: bool = True, source: str = "pcam"):
-        return cls(SplitFiles.open(root, split, limit), in_memory=in_memory, source=source)
+    def load(cls, root: str | Path, split: str, limit: int = 0, in_memory: bool = True, source: str = "pcam",
+             verify: bool = False):
+        """`verify` (streaming only; in memory every image is read anyway): read the split through once now."""
+        return cls(SplitFiles.open(root, split, limit), in_memory=in_memory, source=source, verify=verify)
 
     def __len__(self) -> int:
         return self.files.n
@@ -129,7 +154,7 @@ class PCamSplit:
     def _read_all(self) -> np.ndarray:
         n = self.files.n
         out = np.empty((n, *IMAGE_SHAPE), dtype=np.uint8)
-        with h5py.File(self.files.x_path, "r") as f:
+        with reading(self.files.x_path), h5py.File(self.files.x_path, "r") as f:
             ds = f[X_KEY]
             for start in range(0, n, SLAB_ROWS):
                 stop = min(start + SLAB_ROWS, n)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, SPLITS, X_KEY, Y_KEY, file_name
+from pcamx.locks import exclusive
 
 MARKER = "SYNTHETIC.json"
 DEFAULT_SIZES = {"train": 4096, "valid": 1024, "test": 1024}
@@ -114,16 +115,25 @@ def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed:
     return root
 
 
+def _matches(root: Path, sizes: dict[str, int], seed: int) -> bool:
+    try:
+        spec = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (spec.get("version"), spec.get("seed"), spec.get("sizes")) == (GENERATOR_VERSION, seed, sizes)
+
+
 def ensure_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Generate on first use; reuse a cached directory made with the same sizes and seed."""
+    """Generate on first use; reuse a cached directory made with the same sizes and seed. Concurrent runs
+    that ask for the same directory generate it once: the others wait for it and use it."""
     root = Path(root).expanduser()
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
-    marker = root / MARKER
-    if marker.is_file():
-        spec = json.loads(marker.read_text())
-        if (spec.get("version"), spec.get("seed"), spec.get("sizes")) == (GENERATOR_VERSION, seed, sizes):
+    if _matches(root, sizes, seed):
+        return root
+    with exclusive(root.parent / f".{root.name}.lock", f"generating {root}"):
+        if _matches(root, sizes, seed):  # made by the process we waited for
             return root
-    return write_synthetic(root, sizes, seed)
+        return write_synthetic(root, sizes, seed)
 
 
 def is_synthetic(root: str | Path) -> bool:

@@ -68,7 +68,8 @@ ERROR_WIDTH = 80
 
 @dataclass
 class RunRecord:
-    """One run directory as found on disk; `status` is "ok", "failed" or "missing" (no metrics.json)."""
+    """One run directory as found on disk; `status` is "ok", "failed", "interrupted" or "missing" (no
+    metrics.json)."""
 
     run_dir: Path
     job: str  # the run dir relative to the folder it was found under: Hydra's job number in a sweep
@@ -243,8 +244,11 @@ def read_run(run_dir: Path, job: str) -> RunRecord:
         record.status, record.error = "failed", f"unreadable metrics.json: {err}"
         return record
     record.metrics = metrics if isinstance(metrics, dict) else {}
-    record.status = "ok" if record.metrics.get("status") == "ok" else "failed"
-    if not record.ok:
+    status = record.metrics.get("status")
+    record.status = status if status in ("ok", "interrupted") else "failed"
+    if status == "interrupted":
+        record.error = f"stopped by {record.metrics.get('signal')}: {record.metrics.get('resume')}"
+    elif not record.ok:
         record.error = str(record.metrics.get("error") or "failed without an error message")
     return record
 
@@ -393,7 +397,7 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
     """summary.md: a header with what is constant, then one row per run."""
     refs = find_references(runs)
     varying_overrides, varying_context, constants = split_columns(runs)
-    counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "missing")}
+    counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "interrupted", "missing")}
     lines = ["# Sweep summary", ""]
     if any(r.data == "synthetic" for r in runs):
         lines += [f"> **{SYNTHETIC_NOTE}.** These numbers describe the generated stand-in, not PatchCamelyon.", ""]
