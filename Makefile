@@ -3,13 +3,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench gpu-check gpu-wheels clean
+.PHONY: demo test test-slow lint bench gpu-check gpu-wheels clean
 
 demo: $(VENV)/.installed
 	$(BIN)/python run.py experiment=demo
 
 test: $(VENV)/.installed-test
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# Minutes-long tests (a Slurm timeout → requeue → resume); CI runs them after `make test`.
+test-slow: $(VENV)/.installed-test
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check pcamx tests scripts hydra_plugins run.py

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +80,26 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     assert list(rows[0]) == ["index", "label", "prob"]
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))
     return np.array([int(r["label"]) for r in rows]), np.array([float(r["prob"]) for r in rows])
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A real single-node Slurm (scripts/local_slurm.sh): the one CI started (PCAMX_SLURM_DIR, left running
+    for CI to stop), or a private one for this session, stopped and removed at its end. Skips, saying why,
+    where neither is possible (no Slurm and no root + apt to install it)."""
+    script = REPO / "scripts" / "local_slurm.sh"
+    shared = os.environ.get("PCAMX_SLURM_DIR")
+    if shared and subprocess.run([str(script), "status"], env=os.environ, capture_output=True).returncode == 0:
+        yield {"SLURM_CONF": str(Path(shared) / "slurm.conf"), "PCAMX_SLURM_DIR": shared}
+        return
+    if not shutil.which("slurmctld") and not (os.geteuid() == 0 and shutil.which("apt-get")):
+        pytest.skip("no Slurm here, and installing it (apt-get install slurm-wlm munge) needs root")
+    directory = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "PCAMX_SLURM_DIR": str(directory)}
+    started = subprocess.run([str(script), "start"], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        pytest.skip(f"could not start a local Slurm: {started.stderr.strip()[-500:]}")
+    try:
+        yield {"SLURM_CONF": str(directory / "slurm.conf"), "PCAMX_SLURM_DIR": str(directory)}
+    finally:
+        subprocess.run([str(script), "stop"], env=env, capture_output=True, timeout=120)

@@ -113,6 +113,7 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # The launcher waits for every job's result; there is no cluster to deliver one.
     import submitit.slurm.slurm
 
+    monkeypatch.setattr(submitit.slurm.slurm.SlurmJob, "done", lambda self, force_check=False: True)
     monkeypatch.setattr(submitit.slurm.slurm.SlurmJob, "results", lambda self: ["submitted"])
     return captured
 

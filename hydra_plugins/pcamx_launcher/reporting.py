@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,42 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
+POLL_S = 2.0  # between checks of the jobs' state
+GONE_S = 15.0  # a job out of squeue this long without a result file has ended without one
+
+
+class SacctQuieter(logging.Filter):
+    """Without Slurm accounting every poll of submitit's job watcher logs a failed `sacct`; say it once.
+    (Job states then come from the result files: nothing is lost.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        self.count += 1
+        if self.count > 1:
+            return False
+        record.msg, record.args = ("sacct failed (Slurm accounting is probably disabled); job states are read from "
+                                   "the jobs' result files instead, and further sacct errors are not shown"), ()
+        return True
 
 
 class _Reporting(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        quieter = SacctQuieter()
+        submitit_log = logging.getLogger("submitit")
+        submitit_log.addFilter(quieter)
+        try:
+            return self._launch(job_overrides, initial_job_idx)
+        finally:
+            submitit_log.removeFilter(quieter)
+            if quieter.count > 1:
+                log.info(f"sacct failed {quieter.count} times while waiting for the jobs (no accounting)")
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
         assert self.config is not None
@@ -54,13 +88,59 @@ class _Reporting(BaseSubmititLauncher):
             job_params.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
         jobs = executor.map_array(self, *zip(*job_params, strict=True))
 
+        left = self._wait(jobs)
         results = []
         for num, (job, overrides) in enumerate(zip(jobs, job_overrides, strict=True), start=initial_job_idx):
             try:
+                if job.job_id in left:  # results() would wait for a result file that never comes
+                    raise RuntimeError(f"job {job.job_id} left the Slurm queue without a result")
                 results.append(job.results()[0])
             except Exception as err:  # the job ended without a result: record it, keep collecting
                 results.append(self._lost(sweep_dir / str(num), list(overrides), job, err))
         return results
+
+    def _wait(self, jobs: Sequence[Any]) -> set[str]:
+        """Until every job is done. submitit knows a Slurm job ended from its result file or from sacct; a
+        job cancelled or killed has no result file, and without accounting sacct knows nothing, so a job that
+        has left the queue (squeue) and stays gone for GONE_S is done too; returns those jobs' ids."""
+        gone_since: dict[str, float] = {}
+        left: set[str] = set()
+        pending = list(jobs)
+        while pending:
+            queued = self._queued([j.job_id for j in pending]) if self._EXECUTOR == "slurm" else None
+            still = []
+            for job in pending:
+                if job.done():
+                    continue
+                if queued is not None and job.job_id not in queued:
+                    first = gone_since.setdefault(job.job_id, time.time())
+                    if time.time() - first >= GONE_S:
+                        log.warning(f"job {job.job_id} left the Slurm queue without a result")
+                        left.add(job.job_id)
+                        continue
+                else:
+                    gone_since.pop(job.job_id, None)
+                still.append(job)
+            pending = still
+            if pending:
+                time.sleep(POLL_S)
+        return left
+
+    @staticmethod
+    def _queued(job_ids: list[str]) -> set[str] | None:
+        """The given jobs that squeue still lists (pending, running, requeued...); None if squeue failed."""
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True,
+                                 text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode != 0:
+            # squeue refuses ids it no longer knows ("Invalid job id"): they have all left the queue.
+            return set() if "Invalid job id" in out.stderr else None
+        listed = {line.strip() for line in out.stdout.splitlines() if line.strip()}
+        # A pending array shows as <array>_[0-3]: count its tasks as queued.
+        arrays = {i.split("_[")[0] for i in listed if "_[" in i}
+        return {j for j in job_ids if j in listed or j.split("_")[0] in arrays}
 
     def _lost(self, run_dir: Path, overrides: list[str], job: Any, err: Exception) -> JobReturn:
         log.error(f"job {job.job_id} ({' '.join(overrides)}) ended without a result: {type(err).__name__}")
