@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import pcamx.config  # noqa: F401  (registers the typed config schema before Hydra composes)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:

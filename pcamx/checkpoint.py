@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ViTConfig
 
 from pcamx import io
 from pcamx.compress.spec import ARCHITECTURE_FILE, load_compressed
-from pcamx.model import PCamClassifier
+from pcamx.model import PCamClassifier, build_classifier
 
 log = logging.getLogger("pcamx")
 COMPRESSED_DIR = "compressed"
@@ -161,10 +161,7 @@ def load_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> tuple[PCa
     if "model" not in payload or "backbone_config" not in payload:
         raise CheckpointError(f"{source} is not a pcamx training checkpoint (no model / backbone_config)")
     _check_model(payload.get("model_name"), model_cfg, source)
-    config = DINOv3ViTConfig.from_dict(payload["backbone_config"])
-    backbone = DINOv3ViTModel(config)
-    backbone.config._attn_implementation = "sdpa"
-    model = PCamClassifier(backbone, config.hidden_size)
+    model = build_classifier(DINOv3ViTConfig.from_dict(payload["backbone_config"]))
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as err:

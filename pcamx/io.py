@@ -97,7 +97,7 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n")
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -129,9 +129,10 @@ def sha256_file(path: str | Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """What json.dumps cannot write by itself: numpy/torch scalars, paths, devices."""
     if hasattr(value, "item"):
         return value.item()
-    if isinstance(value, Path):
+    if isinstance(value, Path | torch.device):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -18,9 +18,8 @@ NORMS_BIAS = ("none", "norms", "bias", "both")
 MLP_TARGETS = ("up_proj", "down_proj")
 
 
-def _lr(method_cfg: Mapping[str, Any], key: str, base_lr: float) -> float:
-    value = method_cfg.get(key)
-    return float(base_lr if value is None else value)
+def _or(value: float | None, default: float) -> float:
+    return float(default if value is None else value)
 
 
 def _is_norm(name: str, module_of: dict[str, nn.Module]) -> bool:
@@ -46,11 +45,11 @@ def _norms_bias_params(backbone: nn.Module, which: str) -> list[nn.Parameter]:
 
 
 def lora_targets(method_cfg: Mapping[str, Any]) -> list[str]:
-    targets = method_cfg.get("targets") or ["q_proj", "k_proj", "v_proj", "o_proj"]
+    targets = method_cfg["targets"]
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     targets = list(targets)
-    if method_cfg.get("include_mlp"):
+    if method_cfg["include_mlp"]:
         targets += [t for t in MLP_TARGETS if t not in targets]
     return targets
 
@@ -66,11 +65,6 @@ def lora_target_modules(backbone: nn.Module, targets: list[str]) -> list[str]:
     if not names:
         raise ValueError(f"no linear layer of the backbone matches the LoRA targets {targets}")
     return names
-
-
-def _wd(method_cfg: Mapping[str, Any], key: str, base_wd: float) -> float:
-    value = method_cfg.get(key)
-    return float(base_wd if value is None else value)
 
 
 def _decay_split(params: list[nn.Parameter], lr: float, weight_decay: float, label: str,
@@ -109,14 +103,14 @@ def apply_method(
 
     Group learning rates are `method.lr_<group>` and weight decays `method.wd_<group>` (null: `base_lr` /
     `weight_decay`), for the groups head, backbone (fullft), lora and norms_bias."""
-    name = method_cfg.get("name")
+    name = method_cfg["name"]
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
     head = list(model.head.parameters())
 
     def groups_for(params: list[nn.Parameter], group: str) -> list[dict]:
-        return _decay_split(params, _lr(method_cfg, f"lr_{group}", base_lr),
-                            _wd(method_cfg, f"wd_{group}", weight_decay), group, decay_all_params)
+        return _decay_split(params, _or(method_cfg[f"lr_{group}"], base_lr),
+                            _or(method_cfg[f"wd_{group}"], weight_decay), group, decay_all_params)
 
     if name == "fullft":
         for p in model.parameters():
@@ -125,9 +119,9 @@ def apply_method(
 
     if name == "lora":
         config = LoraConfig(
-            r=int(method_cfg.get("r", 8)),
-            lora_alpha=float(method_cfg.get("alpha", 16)),
-            lora_dropout=float(method_cfg.get("dropout", 0.0)),
+            r=int(method_cfg["r"]),
+            lora_alpha=float(method_cfg["alpha"]),
+            lora_dropout=float(method_cfg["dropout"]),
             target_modules=lora_target_modules(model.backbone, lora_targets(method_cfg)),
             bias="none",
         )
@@ -135,12 +129,12 @@ def apply_method(
             # peft calls a transformers API that transformers 5 deprecates; nothing for our users to act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             model.backbone = get_peft_model(model.backbone, config)  # freezes every base weight
-        if method_cfg.get("lora_a_std") is not None:
+        if method_cfg["lora_a_std"] is not None:
             init_lora_a(model.backbone, float(method_cfg["lora_a_std"]))
 
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    norms_bias = _norms_bias_params(model.backbone, method_cfg.get("train_norms_bias", "none"))
+    norms_bias = _norms_bias_params(model.backbone, method_cfg["train_norms_bias"])
     for p in head + norms_bias:
         p.requires_grad_(True)
     groups = groups_for(head, "head")

@@ -9,29 +9,11 @@ checkpoint selection or metrics.json is harder to notice than a crash with a cle
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-
-METRIC_NAMES = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
-
-# Direction in which each selectable metric improves. `val_loss` is the training loss on the
-# validation set (computed by the trainer, not here); `sens95` is short for `sens_at_95spec`.
-SELECT_METRICS: dict[str, str] = {
-    "auroc": "max",
-    "auprc": "max",
-    "acc": "max",
-    "sens95": "max",
-    "sens_at_95spec": "max",
-    "val_loss": "min",
-    "nll": "min",
-    "brier": "min",
-    "ece": "min",
-}
-
-# Short names accepted in configs → keys of `binary_metrics`.
-METRIC_ALIASES: dict[str, str] = {"sens95": "sens_at_95spec"}
 
 ECE_BINS = 15
 
@@ -102,20 +84,68 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
     return float(np.abs(correct_sum - conf_sum).sum() / y.size)
 
 
-def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """All evaluation metrics (keys `METRIC_NAMES`) from labels in {0,1} and P(class 1)."""
+def brier(labels: np.ndarray, probs: np.ndarray) -> float:
+    y, p = _validate(labels, probs)
+    return float(np.mean((p - y) ** 2))
+
+
+def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Accuracy of the decision p >= 0.5."""
+    y, p = _validate(labels, probs)
+    return float(np.mean((p >= 0.5) == (y == 1)))
+
+
+def nll(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Binary cross-entropy with probabilities clipped to [NLL_EPS, 1 - NLL_EPS]."""
     y, p = _validate(labels, probs)
     pc = np.clip(p, NLL_EPS, 1.0 - NLL_EPS)
-    nll = -np.mean(y * np.log(pc) + (1 - y) * np.log1p(-pc))
-    return {
-        "auroc": float(roc_auc_score(y, p)),
-        "auprc": float(average_precision_score(y, p)),
-        "sens_at_95spec": sensitivity_at_specificity(y, p, 0.95),
-        "ece": expected_calibration_error(y, p, ECE_BINS),
-        "brier": float(np.mean((p - y) ** 2)),
-        "acc": float(np.mean((p >= 0.5) == (y == 1))),
-        "nll": float(nll),
-    }
+    return float(-np.mean(y * np.log(pc) + (1 - y) * np.log1p(-pc)))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One test metric: its key in metrics.json, its column header in every table, which way is better
+    (checkpoint selection), how to compute it from labels and P(class 1), and how many decimals to show."""
+
+    name: str
+    header: str
+    direction: str  # "max" | "min"
+    compute: Callable[[np.ndarray, np.ndarray], float]
+    aliases: tuple[str, ...] = ()
+    digits: int = 4
+
+    def format(self, value: float) -> str:
+        return f"{value:.{self.digits}f}"
+
+
+# The registry: every metric pcamx reports, in table order. Adding one here adds it to metrics.json, the
+# printed and sweep tables, W&B, and the checkpoint-selection choices.
+METRICS: tuple[Metric, ...] = (
+    Metric("auroc", "AUROC", "max", lambda y, p: float(roc_auc_score(*_validate(y, p)))),
+    Metric("auprc", "AUPRC", "max", lambda y, p: float(average_precision_score(*_validate(y, p)))),
+    Metric("sens_at_95spec", "Sens @95%Spec", "max", lambda y, p: sensitivity_at_specificity(y, p, 0.95),
+           aliases=("sens95",)),
+    Metric("ece", "ECE", "min", expected_calibration_error),
+    Metric("brier", "Brier", "min", brier),
+    Metric("acc", "Acc", "max", accuracy),
+    Metric("nll", "NLL", "min", nll),
+)
+METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+METRIC_ALIASES: dict[str, str] = {alias: m.name for m in METRICS for alias in m.aliases}
+# The training objective measured on validation (by the trainer): a selection choice, not a test metric.
+VAL_LOSS = "val_loss"
+# Every name train.select_metric accepts → the direction in which it improves.
+SELECT_METRICS: dict[str, str] = {
+    **{m.name: m.direction for m in METRICS},
+    **{alias: m.direction for m in METRICS for alias in m.aliases},
+    VAL_LOSS: "min",
+}
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Every registered metric from labels in {0,1} and P(class 1)."""
+    y, p = _validate(labels, probs)
+    return {m.name: m.compute(y, p) for m in METRICS}
 
 
 def is_better(metric: str, new: float, best: float | None) -> bool:

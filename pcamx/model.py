@@ -32,39 +32,35 @@ class PCamClassifier(nn.Module):
         return self.backbone.config
 
 
-def tiny_config(**overrides: Any) -> DINOv3ViTConfig:
-    """A small random-init DINOv3 config (same architecture family as ViT-S/16) for demo and tests."""
-    values = dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_register_tokens=4,
-        patch_size=16,
-        image_size=224,
-    )
-    values.update(overrides)
-    return DINOv3ViTConfig(**values)
+# Architectures pcamx builds without a download (random init): name → DINOv3ViTConfig fields.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # facebook/dinov3-vits16-pretrain-lvd1689m's architecture.
+    "vits16": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+                   num_register_tokens=4, patch_size=16, image_size=224, rope_theta=100.0, key_bias=False,
+                   query_bias=True, value_bias=True, proj_bias=True, mlp_bias=True, pos_embed_rescale=2.0),
+    # The same family, small enough for the demo and the tests on a CPU.
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_register_tokens=4, patch_size=16, image_size=224),
+}
 
 
-def vits16_config() -> DINOv3ViTConfig:
-    """The architecture of facebook/dinov3-vits16-pretrain-lvd1689m (random weights when built from it)."""
-    return DINOv3ViTConfig(
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        num_register_tokens=4,
-        patch_size=16,
-        image_size=224,
-        rope_theta=100.0,
-        key_bias=False,
-        query_bias=True,
-        value_bias=True,
-        proj_bias=True,
-        mlp_bias=True,
-        pos_embed_rescale=2.0,
-    )
+def architecture(name: str, **overrides: Any) -> DINOv3ViTConfig:
+    """The DINOv3ViTConfig of a named architecture, with `overrides` on top."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return DINOv3ViTConfig(**{**ARCHITECTURES[name], **overrides})
+
+
+def build_backbone(config: DINOv3ViTConfig) -> DINOv3ViTModel:
+    """A random-init DINOv3 backbone running SDPA attention: every place that builds one from a config
+    (fresh models, checkpoint and compressed-checkpoint reloads, the benchmark) comes through here."""
+    backbone = DINOv3ViTModel(config)
+    backbone.config._attn_implementation = "sdpa"
+    return backbone
+
+
+def build_classifier(config: DINOv3ViTConfig, num_classes: int = NUM_CLASSES) -> PCamClassifier:
+    return PCamClassifier(build_backbone(config), config.hidden_size, num_classes)
 
 
 def load_backbone(name_or_path: str) -> DINOv3ViTModel:
@@ -83,16 +79,10 @@ def load_backbone(name_or_path: str) -> DINOv3ViTModel:
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> PCamClassifier:
-    """Backbone from `name_or_path` (hub id or local dir), or a random one from `config` when it is null."""
-    name_or_path = model_cfg.get("name_or_path")
+    """Weights from `name_or_path` (hub id or local dir); when it is null, a random-init `architecture`
+    with the `config` overrides."""
+    name_or_path = model_cfg["name_or_path"]
     if name_or_path:
         backbone = load_backbone(str(name_or_path))
-    else:
-        overrides = dict(model_cfg.get("config") or {})
-        backbone = DINOv3ViTModel(tiny_config(**overrides))
-        backbone.config._attn_implementation = "sdpa"
-    return PCamClassifier(backbone, backbone.config.hidden_size)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+        return PCamClassifier(backbone, backbone.config.hidden_size)
+    return build_classifier(architecture(model_cfg["architecture"], **dict(model_cfg["config"] or {})))

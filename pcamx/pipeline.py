@@ -313,7 +313,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     device = resolve_device(cfg.hardware.device)
     cfg = effective_precisions(cfg, device)
-    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     io.write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(config))
     seed_everything(cfg.seed)
     setup_threads(cfg.hardware)

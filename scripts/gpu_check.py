@@ -98,8 +98,8 @@ def build_steps(mode: str, work: Path, out: Path, wheels: Path, site: Path, devi
              "train.warmup_steps=4"]
     compress = [*common, "method=lora", f"checkpoint={train_dir}", "prune=all", "prune.tau=0.95", "quant=bf16,int8"]
     save_weights = [python(), "-c", "import sys; from transformers import DINOv3ViTModel; "
-                    "from pcamx.model import vits16_config; "
-                    "DINOv3ViTModel(vits16_config()).save_pretrained(sys.argv[1])", str(weights)]
+                    "from pcamx.model import architecture; "
+                    "DINOv3ViTModel(architecture('vits16')).save_pretrained(sys.argv[1])", str(weights)]
     check_files = [python(), str(REPO / "scripts" / "gpu_check.py"), "--check-e2e", str(train_dir), str(sweep_dir),
                    "--out", str(out)]
     bench_args = ["--device", "cuda", "--out", str(out / "bench.json"), "--data-dir", str(work / "bench-data"),

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+import pcamx.config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -36,8 +37,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def compose_config(*overrides: str, hydra_config: bool = False) -> DictConfig:
     """The config `python run.py <overrides>` would run with."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+    return pcamx.config.compose(*overrides, hydra_config=hydra_config)
+
+
+def method_config(option: str, /, **overrides) -> dict:
+    """conf/method/<name>.yaml as composed, with `overrides`: what `method=<name> method.k=v` runs with."""
+    return {**OmegaConf.to_container(compose_config(f"method={option}").method), **overrides}
+
+
+# A 2-layer, 32-wide member of the tiny architecture: fast enough for any unit test.
+TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_MODEL = {"name_or_path": None, "architecture": "tiny", "config": TINY_ARCH}
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ from pcamx.compress import (
 )
 from pcamx.compress.heads import head_energies
 from pcamx.compress.mlp import neuron_energies
-from pcamx.model import PCamClassifier, build_model, count_parameters, vits16_config
+from pcamx.footprint import count_params as count_parameters
+from pcamx.model import PCamClassifier, architecture, build_model
 
 TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)
 HIDDEN, HEADS, HEAD_DIM, WIDTH, LAYERS = 32, 4, 8, 64, 2
@@ -37,7 +38,7 @@ ATOL = 1e-6
 def make_model(seed: int = 0, std: float = 0.2) -> PCamClassifier:
     """A tiny classifier whose weights are large enough that every head and neuron visibly matters
     (the default init's std of 0.02 would make dropped units change the output by less than ATOL)."""
-    model = build_model({"name_or_path": None, "config": TINY}).eval()
+    model = build_model({"name_or_path": None, "architecture": "tiny", "config": TINY}).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -426,7 +427,7 @@ def test_save_requires_the_classifier():
 
 
 def test_vits16_parameter_count_and_compression():
-    backbone = DINOv3ViTModel(vits16_config())
+    backbone = DINOv3ViTModel(architecture("vits16"))
     backbone.config._attn_implementation = "sdpa"
     model = PCamClassifier(backbone, backbone.config.hidden_size).eval()
     full = count_parameters(model)
@@ -442,7 +443,8 @@ def test_vits16_parameter_count_and_compression():
 
 
 def test_gated_mlp_prunes_its_gate_too_and_roundtrips(tmp_path):
-    model = build_model({"name_or_path": None, "config": {**TINY, "use_gated_mlp": True}}).eval()
+    gated = {**TINY, "use_gated_mlp": True}
+    model = build_model({"name_or_path": None, "architecture": "tiny", "config": gated}).eval()
     report = prune_mlp_neurons(model, 0.5)
     mlp = layers(model)[0].mlp
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == report[0]["after"] < WIDTH

@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException
 from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
 from pcamx.checkpoint import CheckpointError
+from pcamx.compress.chain import plan
 
 
 @pytest.mark.parametrize("override", ["prune.tau=1.5", "prune.tau=0", "prune.tau_mlp=-0.2"])
@@ -26,9 +27,11 @@ def test_bad_tau_is_rejected_before_anything_runs(tmp_path: Path, override: str)
 def test_unknown_prune_method_errors() -> None:
     with pytest.raises(ConfigCompositionException, match="prune"):
         compose_config("prune=lottery")
-    cfg = compose_config("prune.method=lottery")
-    with pytest.raises(ValueError, match="heads, mlp, svd, all"):
-        pipeline.compression_plan(cfg.prune)
+    with pytest.raises(ConfigCompositionException) as err:  # the schema names the allowed values
+        compose_config("prune.method=lottery")
+    assert "expected one of [none, heads, mlp, svd, all]" in str(err.value.__cause__)
+    with pytest.raises(ValueError, match="heads, mlp, svd, all"):  # the library checks too
+        plan("lottery", 0.9)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config, fast_overrides
+from conftest import TINY_MODEL, compose_config, fast_overrides, method_config
 from pcamx import pipeline
 from pcamx.data import device_loader
 from pcamx.data.device_loader import to_device
@@ -25,15 +25,13 @@ from pcamx.methods import METHODS, apply_method
 from pcamx.model import PCamClassifier, build_model
 from pcamx.train import build_optimizer, train_step
 
-TINY = {"name_or_path": None, "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                          "num_attention_heads": 2}}
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 JITTER = ColorJitter(0.1, 0.1, 0.1, 0.03)
 
 
 def tiny(seed: int = 0) -> PCamClassifier:
     torch.manual_seed(seed)
-    model = build_model(TINY)
+    model = build_model(TINY_MODEL)
     with torch.no_grad():  # spread the logits, so that comparisons can fail
         model.head.weight.normal_(0.0, 1.0)
     return model
@@ -48,7 +46,8 @@ def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def one_step(method: str, device: torch.device, precision: str) -> tuple[PCamClassifier, dict, torch.Tensor]:
     """One optimizer step of `method`; returns the model, its parameters before, and the head's output dtype."""
     model = tiny()
-    groups = apply_method(model, {"name": method, "r": 4, "alpha": 8}, 1e-2, 1e-4)
+    groups = apply_method(model, method_config(method, **({"r": 4, "alpha": 8} if method == "lora" else {})), 1e-2,
+                          1e-4)
     model.to(device).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = build_optimizer(groups, device, 1e-2)
@@ -126,7 +125,7 @@ def test_compiled_train_step_equals_eager() -> None:
     for compiled in (False, True):
         torch._dynamo.reset()
         model = tiny()
-        groups = apply_method(model, {"name": "fullft"}, 1e-3, 1e-4)
+        groups = apply_method(model, method_config("fullft"), 1e-3, 1e-4)
         model.to(CUDA).train()
         optimizer = build_optimizer(groups, CUDA, 1e-3)
         forward = torch.compile(model) if compiled else model

@@ -6,7 +6,7 @@ import torch
 from transformers import DINOv3ViTModel
 
 from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
-from pcamx.model import PCamClassifier, tiny_config, vits16_config
+from pcamx.model import PCamClassifier, architecture
 
 # Hand counts for DINOv3 ViT-S/16 (d=384, MLP 1536, 12 layers, 4 registers, key_bias=False).
 D, H, LAYERS, PATCH = 384, 1536, 12, 16
@@ -26,7 +26,7 @@ HEAD_PARAMS = D * 2 + 2
 @pytest.fixture(scope="module")
 def vits16() -> PCamClassifier:
     torch.manual_seed(0)
-    backbone = DINOv3ViTModel(vits16_config())
+    backbone = DINOv3ViTModel(architecture("vits16"))
     backbone.config._attn_implementation = "sdpa"
     return PCamClassifier(backbone, D)
 
@@ -34,7 +34,7 @@ def vits16() -> PCamClassifier:
 @pytest.fixture
 def tiny() -> PCamClassifier:
     torch.manual_seed(0)
-    cfg = tiny_config(num_hidden_layers=1, image_size=32)
+    cfg = architecture("tiny", num_hidden_layers=1, image_size=32)
     return PCamClassifier(DINOv3ViTModel(cfg), cfg.hidden_size)
 
 

@@ -54,10 +54,10 @@ def test_best_checkpoint_reproduces_the_test_predictions(small_pcam: Path, tmp_p
 def test_real_vits16_loading_path_reports_its_size(small_pcam: Path, tmp_path: Path) -> None:
     from transformers import DINOv3ViTModel
 
-    from pcamx.model import vits16_config
+    from pcamx.model import architecture
 
     weights = tmp_path / "dinov3-vits16"
-    DINOv3ViTModel(vits16_config()).save_pretrained(weights)
+    DINOv3ViTModel(architecture("vits16")).save_pretrained(weights)
     cfg = compose_config(*fast_overrides(
         small_pcam, "model=dinov3_vits16", f"model.name_or_path={weights}", "train.max_train_batches=1",
         "data.limit_test=16",

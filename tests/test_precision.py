@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import compose_config, fast_overrides, read_predictions
@@ -93,10 +94,16 @@ def test_select_tiebreak_picks_the_tied_checkpoint_with_lower_nll(small_pcam: Pa
     assert plain["best_step"] == 1 and tiebreak["best_step"] == 2
 
 
-def test_bad_precision_and_views_fail_before_any_data_is_read(tmp_path: Path) -> None:
-    for override, match in (("eval.precision=fp16", "eval.precision must be one of"),
-                            ("eval.tta_views=4", "eval.tta_views must be one of"),
-                            ("train.select_tiebreak=bogus", "train.select_tiebreak must be one of"),
+def test_bad_precision_and_tiebreak_fail_at_composition_with_the_allowed_values() -> None:
+    for override, allowed in (("eval.precision=fp16", "[fp32, bf16]"), ("hardware.precision=bf61", "[fp32, bf16]"),
+                              ("train.select_tiebreak=bogus", "[auroc, auprc, sens_at_95spec")):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose_config(override)
+        assert f"expected one of {allowed}" in str(err.value.__cause__), override
+
+
+def test_bad_views_and_jitter_fail_before_any_data_is_read(tmp_path: Path) -> None:
+    for override, match in (("eval.tta_views=4", "eval.tta_views must be one of"),
                             ("data.jitter.hue=0.7", "data.jitter.hue")):
         with pytest.raises(ValueError, match=match):
             pipeline.run(compose_config(*fast_overrides(tmp_path / "no-data", override)), run_dir=tmp_path / "r")

@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 def make_model() -> PCamClassifier:
     torch.manual_seed(0)
-    model = build_model({"name_or_path": None, "config": TINY}).eval()
+    model = build_model({"name_or_path": None, "architecture": "tiny", "config": TINY}).eval()
     # The default init (std 0.02) gives logits near 0 and probabilities near 0.5 whatever the precision;
     # a unit-scale head spreads them out so the comparison can fail.
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from conftest import CONF, REPO
+from conftest import CONF, REPO, TINY_MODEL
 from pcamx.methods import apply_method
 from pcamx.model import build_model
 from pcamx.pipeline import effective_precisions
@@ -24,8 +24,6 @@ from pcamx.report.sweep import collect_runs
 from pcamx.train import warmup_cosine
 
 PRESETS = ["repro_head_only", "repro_lora", "repro_fullft", "repro_compress"]
-TINY = {"name_or_path": None, "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                          "num_attention_heads": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +66,7 @@ def lr_of(groups: list[dict]) -> dict[int, float]:
 def preset_groups(conf: Path, preset: str) -> tuple[torch.nn.Module, list[dict]]:
     cfg = compose_from(conf, f"experiment={preset}")
     torch.manual_seed(0)
-    model = build_model(TINY)
+    model = build_model(TINY_MODEL)
     return model, apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay, cfg.train.decay_all_params)
 
 

@@ -198,14 +198,14 @@ def test_failed_job_is_reported_and_fails_the_command(small_pcam: Path, tmp_path
     """No -m: hardware=submitit_local makes every command a multirun (a comma list would be an error
     in a single run)."""
     sweep = tmp_path / "sweep"
-    proc = run_sweep(sweep_command(small_pcam, sweep, "train.select_metric=auroc,bogus", multirun=False))
+    proc = run_sweep(sweep_command(small_pcam, sweep, "eval.tta_views=8,4", multirun=False))
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_csv(sweep / "summary.csv")
-    assert [(r["job"], r["status"], r["override.train.select_metric"]) for r in rows] == [
-        ("0", "ok", "auroc"), ("1", "failed", "bogus")]
-    assert "train.select_metric must be one of" in rows[1]["error"]
+    assert [(r["job"], r["status"], r["override.eval.tta_views"]) for r in rows] == [
+        ("0", "ok", "8"), ("1", "failed", "4")]
+    assert "eval.tta_views must be one of" in rows[1]["error"]
     md = {row[0]: row for row in md_rows(sweep / "summary.md")}
-    assert md["0"][-1] == "ok" and md["1"][-1].startswith("failed: ValueError: train.select_metric")
+    assert md["0"][-1] == "ok" and md["1"][-1].startswith("failed: ValueError: eval.tta_views")
     assert (sweep / "roc.png").read_bytes().startswith(PNG_MAGIC)
 
 

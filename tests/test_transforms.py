@@ -22,7 +22,7 @@ from pcamx.data.transforms import (
     resize_normalize,
 )
 from pcamx.evaluate import predict_batch, view_count
-from pcamx.model import PCamClassifier, tiny_config
+from pcamx.model import PCamClassifier, architecture
 
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
@@ -164,7 +164,7 @@ def tiny_classifier() -> PCamClassifier:
     from transformers import DINOv3ViTModel
 
     torch.manual_seed(0)
-    config = tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = architecture("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     return PCamClassifier(DINOv3ViTModel(config), 32).eval()
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,14 +15,16 @@ from typing import Any
 
 import torch
 
+from pcamx import io
 from pcamx.bench.data import prepare_data
+from pcamx.bench.measure import Timing
 from pcamx.bench.report import evaluate_targets, render_markdown
-from pcamx.bench.sections import SECTIONS, Bench, Settings, run_section
-from pcamx.bench.timing import Timing
+from pcamx.bench.sections import SECTIONS, Bench, Settings
+from pcamx.hardware import resolve_device, sync
+from pcamx.model import ARCHITECTURES
 
 # Defaults per device type. CPU: small batches and 6 s per figure keep the vits16 run under 10 minutes on
-# 2 cores. CUDA: pcamx's own batch sizes (conf/data/pcam.yaml); with torch.compile warm-up for three
-# methods the H200 run stays under ~8 minutes.
+# 2 cores. CUDA: pcamx's own batch sizes (conf/data/pcam.yaml).
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"batch_size": 16, "eval_batch_size": 8, "duration": 6.0, "ref_tta_views": (8,)},
     "cuda": {"batch_size": 128, "eval_batch_size": 256, "duration": 3.0, "ref_tta_views": (8, 6)},
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pipeline (h5py per sample, PIL augmentation, HF processor, DataLoader, TTA loop).",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--model", choices=("vits16", "tiny"), default="vits16",
+    p.add_argument("--model", choices=tuple(ARCHITECTURES), default="vits16",
                    help="architecture (random init unless --weights)")
     p.add_argument("--weights", default=None, help="HF id or local dir of DINOv3 weights (optional)")
     p.add_argument("--resolution", type=int, default=224)
@@ -77,21 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
-    return torch.device(name)
-
-
-def default_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
 def resolve_settings(args: argparse.Namespace) -> Settings:
     device = resolve_device(args.device)
     defaults = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
@@ -101,102 +85,39 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     else:
         timing = Timing(repeats=args.repeats or 3, duration=args.duration or defaults["duration"],
                         iters=args.iters, warmup=args.warmup if args.warmup is not None else 2)
-    if args.compile == "on":
-        compile_on, reason = True, None
-    elif args.compile == "off":
-        compile_on, reason = False, "--no-compile"
-    elif args.quick:
-        compile_on, reason = False, "--quick"
-    elif device.type == "cuda":
-        compile_on, reason = True, None
-    else:
-        compile_on, reason = False, CPU_COMPILE_REASON
+    compile_on, reason = {
+        "on": (True, None), "off": (False, "--no-compile"),
+    }.get(args.compile, (False, "--quick") if args.quick else (device.type == "cuda", CPU_COMPILE_REASON))
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
     views = tuple(int(v) for v in args.ref_tta_views.split(",")) if args.ref_tta_views else defaults["ref_tta_views"]
     return Settings(
-        device=device,
-        model=args.model,
-        weights=args.weights,
-        resolution=args.resolution,
+        device=device, model=args.model, weights=args.weights, resolution=args.resolution,
         batch_size=args.batch_size or defaults["batch_size"],
         eval_batch_size=args.eval_batch_size or defaults["eval_batch_size"],
         workers=args.workers if args.workers is not None else min(8, os.cpu_count() or 1),
-        timing=timing,
-        compile=compile_on,
-        compile_skip_reason=reason,
-        ref_tta_views=views,
-        peak_tflops=args.peak_tflops if args.peak_tflops is not None else default_peak_tflops(device),
-        seed=args.seed,
-        quick=args.quick,
+        timing=timing, compile=compile_on, compile_skip_reason=None if compile_on else reason,
+        ref_tta_views=views, peak_tflops=peak, seed=args.seed, quick=args.quick,
     )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def environment(settings: Settings) -> dict[str, Any]:
-    import h5py
     import transformers
 
-    try:
-        import torchvision
-
-        torchvision_version = torchvision.__version__
-    except ImportError:
-        torchvision_version = None
-
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
     device = settings.device
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "torchvision": torchvision_version,
-        "h5py": h5py.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": _git_commit(),
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_start": _loadavg(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_start": list(os.getloadavg()),
     }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, torch.device | Path):
-        return str(value)
-    return value
 
 
 def _log(message: str) -> None:
@@ -206,74 +127,56 @@ def _log(message: str) -> None:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, write the JSON, print the markdown; returns the result document."""
     args = build_parser().parse_args(argv)
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if unknown := sorted(set(wanted) - set(SECTIONS)):
+        raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, argv)
+        settings = resolve_settings(args)
+        meta, started = environment(settings), time.perf_counter()
+        sizes = QUICK_DATA_SIZES if args.quick else DATA_SIZES
+        load_size = args.load_size or (QUICK_LOAD_SIZE if args.quick else LOAD_SIZE)
+        with tempfile.TemporaryDirectory(prefix="pcamx-bench-") as tmp:
+            workdir = Path(args.data_dir) if args.data_dir else Path(tmp)
+            _log(f"generating synthetic PCam-layout data in {workdir} ({sizes}, load split {load_size:,})")
+            data = prepare_data(workdir, sizes, load_size, seed=args.seed)
+            bench, sections = Bench(settings, data), {}
+            for name, section in SECTIONS.items():
+                if name not in wanted:
+                    sections[name] = {"skipped": "not requested (--sections)"}
+                    continue
+                _log(f"section {name} ...")
+                start = time.perf_counter()
+                try:
+                    sync(settings.device)
+                    sections[name] = section(bench, sections)
+                except Exception as err:  # one failing section must not lose the others' numbers
+                    sections[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+                    _log(f"section {name} failed: {type(err).__name__}: {err}")
+                sections[name]["section_s"] = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)  # a caller in the same process (a test) gets its setting back
-
-
-def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
-    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(SECTIONS))
-    if unknown:
-        raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    settings = resolve_settings(args)
-    meta = environment(settings)
-    started = time.perf_counter()
-    sizes = QUICK_DATA_SIZES if args.quick else DATA_SIZES
-    load_size = args.load_size or (QUICK_LOAD_SIZE if args.quick else LOAD_SIZE)
-
-    with tempfile.TemporaryDirectory(prefix="pcamx-bench-") as tmp:
-        workdir = Path(args.data_dir) if args.data_dir else Path(tmp)
-        _log(f"generating synthetic PCam-layout data in {workdir} ({sizes}, load split {load_size:,})")
-        data = prepare_data(workdir, sizes, load_size, seed=args.seed)
-        bench = Bench(settings, data)
-        sections: dict[str, Any] = {}
-        for name in SECTIONS:
-            if name not in wanted:
-                sections[name] = {"skipped": "not requested (--sections)"}
-                continue
-            _log(f"section {name} ...")
-            start = time.perf_counter()
-            try:
-                sections[name] = run_section(name, bench, sections)
-            except Exception as err:  # one failing section must not lose the others' numbers
-                sections[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-                _log(f"section {name} failed: {type(err).__name__}: {err}")
-            sections[name]["section_s"] = time.perf_counter() - start
-            _log(f"section {name} done in {sections[name]['section_s']:.0f} s")
-        del bench
-
-    meta["loadavg_end"] = _loadavg()
-    meta["total_s"] = time.perf_counter() - started
-    settings_doc = {
-        "model": settings.model, "weights": settings.weights, "resolution": settings.resolution,
-        "batch_size": settings.batch_size, "eval_batch_size": settings.eval_batch_size,
-        "workers": settings.workers, "timing": settings.timing.describe(), "compile": settings.compile,
-        "precision": settings.precision, "ref_tta_views": list(settings.ref_tta_views),
-        "peak_tflops": settings.peak_tflops, "seed": settings.seed, "quick": settings.quick,
-        "sections": wanted, "argv": sys.argv[1:] if argv is None else list(argv),
-    }
+    meta.update(loadavg_end=list(os.getloadavg()), total_s=time.perf_counter() - started)
     doc = {
         "meta": meta,
-        "settings": settings_doc,
+        "settings": {"model": settings.model, "weights": settings.weights, "resolution": settings.resolution,
+                     "batch_size": settings.batch_size, "eval_batch_size": settings.eval_batch_size,
+                     "workers": settings.workers, "timing": settings.timing.describe(), "compile": settings.compile,
+                     "precision": settings.precision, "ref_tta_views": list(settings.ref_tta_views),
+                     "peak_tflops": settings.peak_tflops, "seed": settings.seed, "quick": settings.quick,
+                     "sections": wanted, "argv": sys.argv[1:] if argv is None else list(argv)},
         "data": data.describe(),
         "sections": sections,
         "targets": evaluate_targets(sections, settings.device.type),
     }
-    doc = _jsonable(doc)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    io.write_json(args.out, doc)
     print(render_markdown(doc))
-    _log(f"wrote {out}")
+    _log(f"wrote {args.out}")
     return doc
 
 
 def main(argv: list[str] | None = None) -> int:
     doc = run(argv)
-    failed = [name for name, sec in doc["sections"].items() if "error" in sec]
-    return 1 if failed else 0
+    return 1 if any("error" in sec for sec in doc["sections"].values()) else 0

@@ -176,8 +176,7 @@ def _train_md(sec: dict[str, Any]) -> list[str]:
     out += _table(["method", "pipeline", "images/s", "÷ reference", "precision", "peak memory", "timed iters"],
                   rows)
     first = next(iter(sec.values()))
-    out.append(f"\nBatch {first['pcamx_eager']['batch_size']}; peak memory kind: "
-               f"{first['pcamx_eager']['peak_memory_kind']}.")
+    out.append(f"\nBatch {first['pcamx_eager']['batch_size']}; peak memory: CUDA max_memory_allocated (— on CPU).")
     return out
 
 

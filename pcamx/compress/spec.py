@@ -22,7 +22,7 @@ from pcamx import io
 from pcamx.compress.heads import keep_attention_heads
 from pcamx.compress.mlp import keep_mlp_neurons
 from pcamx.compress.svd import LowRankLinear
-from pcamx.model import PCamClassifier
+from pcamx.model import PCamClassifier, build_classifier
 
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
@@ -141,12 +141,9 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
             f"{weights_path} is damaged: its sha256 differs from the one recorded in {spec_path} when it was saved"
         )
 
-    config = DINOv3ViTConfig.from_dict(spec["backbone_config"])
-    backbone = DINOv3ViTModel(config)
-    backbone.config._attn_implementation = spec.get("attn_implementation") or "sdpa"
-    model = PCamClassifier(backbone, config.hidden_size, num_classes=int(spec["num_classes"]))
+    model = build_classifier(DINOv3ViTConfig.from_dict(spec["backbone_config"]), int(spec["num_classes"]))
     try:
-        apply_architecture(backbone, spec["layers"])
+        apply_architecture(model.backbone, spec["layers"])
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointMismatchError(
             f"{spec_path} does not describe a buildable architecture: {err}"
