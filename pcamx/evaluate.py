@@ -14,6 +14,7 @@ from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import check_tta_views, tta_views
 from pcamx.hardware import autocast
+from pcamx.metrics import binary_metrics
 
 # On a CPU, big forwards are slower per image than small ones (cache-bound attention and GEMMs):
 # measured 2.2-2.5 vs 2.8-2.9 images/s for ViT-S/16 TTA on 2 cores (docs/benchmarks.md). Accelerators
@@ -65,3 +66,11 @@ def predict(
     # One host sync at the end instead of one per batch.
     model.train(was_training)
     return split.labels.numpy().copy(), torch.cat(probs).cpu().double().numpy()
+
+
+def evaluate(model: nn.Module, split: PCamSplit, device: torch.device, cfg: Mapping[str, Any], precision: str,
+             desc: str = "test") -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """(labels, probs, metrics) of a split with the test-time views of `eval`, under autocast at `precision`."""
+    labels, probs = predict(model, split, device, cfg["data"]["eval_batch_size"], cfg["data"]["resolution"],
+                            views=view_count(cfg["eval"]), precision=precision, desc=desc)
+    return labels, probs, binary_metrics(labels, probs)

@@ -72,14 +72,33 @@ def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside `path`; if the block succeeds it replaces `path` (an old one is removed
+    first), else it is deleted. Readers see the old directory or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~UMASK)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_stale_temps(directory: str | Path) -> list[Path]:
     """Delete the temp files that writes killed mid-way left in `directory` and its subfolders (call it
     only on a directory this process owns: another writer's temp file looks the same)."""
     removed = []
     for tmp in Path(directory).rglob(f".*{TEMP_SUFFIX}"):
-        if tmp.is_file():
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
             tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+        removed.append(tmp)
     return removed
 
 
@@ -115,18 +134,27 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     return _write(path, "wb", lambda f: torch.save(obj, f), tensor_bytes(obj))
 
 
-def sha256_file(path: str | Path, progress: bool = False) -> str:
-    """Hex sha256 of a file's bytes (a progress bar for big files with `progress`)."""
+def byte_progress(total: int | None, desc: str, enabled: bool = True, initial: int = 0) -> Any:
+    """A tqdm bar counting bytes (shown only on a terminal, and only when `enabled`)."""
     from tqdm import tqdm
 
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=None if enabled else True)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256", progress: bool = False) -> str:
+    """Hex digest of a file's bytes (md5 for the published PCam archives, sha256 for everything pcamx records)."""
     path = Path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"sha256 {path.name}", disable=None if progress else True) as bar:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f, byte_progress(path.stat().st_size, f"{algorithm} {path.name}", progress) as bar:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             bar.update(len(chunk))
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path, progress: bool = False) -> str:
+    return file_digest(path, "sha256", progress)
 
 
 def jsonable(value: Any) -> Any:

@@ -1,5 +1,7 @@
 """The training loop: AdamW with per-group learning rates, linear warmup + cosine decay, gradient
-clipping, label smoothing, bf16 autocast on CUDA, periodic validation, best/last checkpoints."""
+clipping, label smoothing, bf16 autocast, periodic validation and checkpoint selection, resumable state,
+a divergence guard, and a clean stop on SIGTERM/SIGINT. `train` reads top to bottom; healing after
+compression (pcamx.heal) is one more caller of it, with a teacher and without checkpoints."""
 
 from __future__ import annotations
 
@@ -26,12 +28,27 @@ from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluate import predict, view_count
 from pcamx.hardware import autocast
 from pcamx.interrupts import RunInterrupted
+from pcamx.losses import distillation_loss, smoothed_ce_from_probs
 from pcamx.methods import merge_lora, plain_state_dict
 from pcamx.metrics import METRIC_ALIASES, binary_metrics, improves
 from pcamx.model import PCamClassifier
+from pcamx.optim import build_optimizer, warmup_cosine
 from pcamx.tracking import Tracker
 
 log = logging.getLogger("pcamx")
+LOG_EVERY = 10  # steps between training-loss logs (.item() waits for the device: not every step)
+
+
+@dataclass
+class Session:
+    """One call of `train`: how long, under which name, and what it keeps."""
+
+    epochs: int
+    name: str = "train"  # progress bar, logs and W&B prefix
+    run_dir: Path | None = None  # best.pt / last.pt / resume.pt go here; None: nothing is written (healing)
+    distill: Distillation | None = None  # a teacher to distill from (healing)
+    start_val: dict[str, float] | None = None  # the starting weights' validation metrics: a candidate too
+    step_offset: int = 0  # logged steps continue after an earlier session
 
 
 @dataclass
@@ -44,27 +61,21 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def warmup_cosine(step: int, warmup: int, total: int, zero_start: bool = False) -> float:
-    """LR multiplier: linear 0→1 over `warmup` steps, then cosine 1→0 at `total`.
+@dataclass(frozen=True)
+class Distillation:
+    """loss += weight · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton et al.; T² keeps the
+    gradients comparable across temperatures)."""
 
-    The warmup is (step + 1) / warmup, so no step is spent at lr 0; `zero_start` makes it step / warmup
-    (step 0 at lr 0), as the reference protocol does."""
-    if step < warmup:
-        return (step if zero_start else step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    teacher: nn.Module
+    temperature: float
+    weight: float
 
-
-def smoothed_ce_from_probs(labels: np.ndarray, probs: np.ndarray, smoothing: float) -> float:
-    """The training objective (label-smoothed cross-entropy) evaluated from 2-class probabilities."""
-    p = np.clip(np.stack([1 - probs, probs], axis=1), 1e-7, 1)
-    logp = np.log(p)
-    nll = -logp[np.arange(len(labels)), labels]
-    return float(np.mean((1 - smoothing) * nll - smoothing * logp.mean(axis=1)))
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student_logits, teacher_logits, self.temperature)
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss, gradient norm or weight: training stopped, and nothing from that step on was saved."""
+    """A non-finite loss, gradient norm, weight or prediction: training stopped, nothing from then was saved."""
 
     reason = "diverged"
 
@@ -100,9 +111,7 @@ def train_step(
     jitter: ColorJitter | None = None,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
-    teacher: nn.Module | None = None,
-    temperature: float = 1.0,
-    kd_weight: float = 0.0,
+    distill: Distillation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step on a uint8 batch (moved to the device if it is not there yet): batched
     augmentation there, autocast forward, (distilled) loss, clip, step. Returns the detached loss,
@@ -115,11 +124,11 @@ def train_step(
         logits = forward(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     kd = None
-    if teacher is not None:
+    if distill is not None:
         with torch.no_grad(), autocast(device, precision):
-            teacher_logits = teacher(x)
-        kd = distillation_loss(logits.float(), teacher_logits.float(), temperature)
-        loss = loss + kd_weight * kd
+            teacher_logits = distill.teacher(x)
+        kd = distill.loss(logits.float(), teacher_logits.float())
+        loss = loss + distill.weight * kd
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -127,31 +136,6 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     optimizer.step()
     return loss.detach(), None if kd is None else kd.detach(), grad_norm.detach()
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean (Hinton et al.; T² keeps gradients
-    comparable across temperatures)."""
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-        log_target=True, reduction="batchmean",
-    ) * t * t
-
-
-@torch.inference_mode()
-def distillation_gap(student: nn.Module, teacher: nn.Module, split: PCamSplit, device, cfg: Mapping[str, Any]) -> float:
-    """Mean distillation loss of `student` against `teacher` on a split (no augmentation, no TTA): how far
-    compression moved the model, and how much healing brought it back."""
-    student.eval(), teacher.eval()
-    total, n = 0.0, 0
-    for images, _ in to_device(split.batches(cfg["data"]["eval_batch_size"]), device):
-        x = preprocess(images, cfg["data"]["resolution"])
-        with autocast(device, cfg["train"]["precision"]):
-            s_logits, t_logits = student(x), teacher(x)
-        kd = distillation_loss(s_logits.float(), t_logits.float(), cfg["heal"]["temperature"])
-        total, n = total + kd.item() * len(images), n + len(images)
-    return total / max(n, 1)
 
 
 def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int, val: dict) -> dict:
@@ -172,8 +156,8 @@ class FiniteWatch:
     """Checks each step's loss and gradient norm for NaN/inf, one step late: reading them waits only for
     the previous step, which has finished, so the device always has the current step queued."""
 
-    def __init__(self, phase: str):
-        self.phase = phase
+    def __init__(self, name: str):
+        self.name = name
         self.pending: tuple[int, torch.Tensor, torch.Tensor, list[float]] | None = None
         self.last_finite: tuple[int, float] | None = None
 
@@ -193,7 +177,7 @@ class FiniteWatch:
         last = ("no step before it had a finite loss" if self.last_finite is None else
                 f"the last finite loss was {self.last_finite[1]:.4g} at step {self.last_finite[0]}")
         raise TrainingDiverged(
-            f"{self.phase} diverged at step {step}: loss {loss_value}, gradient norm {norm_value}, learning rates "
+            f"{self.name} diverged at step {step}: loss {loss_value}, gradient norm {norm_value}, learning rates "
             f"{', '.join(f'{lr:.3g}' for lr in lrs)}; {last}. Nothing from this step on was saved. Lower the "
             "learning rate (train.lr, method.lr_*) or clip gradients (train.grad_clip), then start over "
             "(resume=false or a new run directory)."
@@ -201,12 +185,41 @@ class FiniteWatch:
 
 
 def check_finite_weights(model: nn.Module, step: int) -> None:
-    """Refuse to save weights that are NaN or inf (one reduction per tensor, only when saving)."""
+    """Refuse to save or evaluate weights that are NaN or inf (one reduction per tensor, only then)."""
     finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
     if not finite.item():
         raise TrainingDiverged(f"training diverged: the weights became non-finite after step {step}; nothing was "
                                "saved. Lower the learning rate or clip gradients (train.grad_clip), then start over "
                                "(resume=false).")
+
+
+@dataclass
+class _Loop:
+    """What the loop carries from step to step, and what resume.pt saves of it."""
+
+    optimizer: torch.optim.Optimizer
+    aug_generator: torch.Generator
+    result: TrainResult
+    step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    seconds_before: float = 0.0
+
+    def state(self, model: nn.Module, started: float) -> dict[str, Any]:
+        r = self.result
+        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "aug_generator": self.aug_generator.get_state(), "best_state": self.best_state,
+                "best_val": r.best_val, "best_step": r.best_step, "last_val": r.last_val, "history": r.history,
+                "seconds": self.seconds_before + time.time() - started}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.aug_generator.set_state(state["aug_generator"])
+        resume.set_rng_state(state["rng"])
+        self.step, self.best_state, self.seconds_before = state["step"], state["best_state"], state["seconds"]
+        r = self.result
+        r.history, r.best_val, r.best_step, r.last_val = (state["history"], state["best_val"], state["best_step"],
+                                                          state["last_val"])
 
 
 def train(
@@ -216,158 +229,113 @@ def train(
     val_split: PCamSplit,
     cfg: Mapping[str, Any],
     device: torch.device,
-    run_dir: Path,
     tracker: Tracker,
-    *,
-    epochs: int | None = None,
-    teacher: nn.Module | None = None,
-    phase: str = "train",
-    baseline_val: dict[str, float] | None = None,
-    step_offset: int = 0,
+    session: Session,
 ) -> TrainResult:
     """Train in place; on return the model holds the best validation weights (LoRA merged).
 
-    With a `teacher` (healing after compression) the loss adds knowledge distillation,
-    `heal.kd_weight · T² · KL(teacher_T ‖ student_T)`, and no best/last checkpoints are written: the
-    healed model is saved as a compressed checkpoint by the caller. `baseline_val` (the starting
-    weights' validation metrics) makes the starting point a candidate too: if no step beats it on
-    `select_metric`, the model ends with its starting weights, so healing never makes validation worse.
-
-    Stops with TrainingDiverged at a non-finite loss or gradient norm, and with RunInterrupted after the
-    current step when SIGTERM/SIGINT arrives (training writes resume.pt first).
+    One function on purpose (as nanoGPT's loop): a step reads top to bottom, from the learning rate to the
+    checkpoint, with nothing hidden in callbacks. Stops with TrainingDiverged at a non-finite loss, gradient
+    norm, weight or validation prediction, and with RunInterrupted after the current step when
+    SIGTERM/SIGINT arrives (writing resume.pt first when the session keeps checkpoints).
     """
     tcfg, dcfg = cfg["train"], cfg["data"]
-    epochs = tcfg["epochs"] if epochs is None else epochs
-    save = phase == "train"  # healing neither writes best/last nor resumes (the caller saves its result)
-    select = METRIC_ALIASES.get(tcfg["select_metric"], tcfg["select_metric"])
-    tiebreak = tcfg["select_tiebreak"]
-    batch_size, resolution = dcfg["batch_size"], dcfg["resolution"]
-    steps_per_epoch = train_split.num_batches(batch_size, drop_last=True)
+    select, tiebreak = METRIC_ALIASES.get(tcfg["select_metric"], tcfg["select_metric"]), tcfg["select_tiebreak"]
+    steps_per_epoch = train_split.num_batches(dcfg["batch_size"], drop_last=True)
     if tcfg["max_train_batches"]:
         steps_per_epoch = min(steps_per_epoch, tcfg["max_train_batches"])
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split ({len(train_split)} patches) is smaller than one batch ({batch_size})")
-    total_steps = epochs * steps_per_epoch
+        raise ValueError(f"the train split ({len(train_split)} patches) is smaller than one batch "
+                         f"({dcfg['batch_size']})")
+    total_steps = session.epochs * steps_per_epoch
     val_interval = max(1, round(tcfg["val_every"] * steps_per_epoch))
-    checkpoint_every = tcfg.get("checkpoint_every") or 0
-    precision = cfg["train"]["precision"]
-    jitter = ColorJitter.from_config(dcfg["jitter"])
-    settings = resume.fingerprint(cfg)
+    jitter, settings = ColorJitter.from_config(dcfg["jitter"]), resume.fingerprint(cfg)
+    keep = session.run_dir is not None
 
     optimizer = build_optimizer(param_groups, device, tcfg["lr"])
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
-    # Augmentation draws from its own generator; the shuffle order of epoch e is a pure function of
-    # (seed, e). A resumed run can then replay the order and skip the batches it already trained on.
-    aug_generator = torch.Generator().manual_seed(cfg["seed"])
-    result = TrainResult()
-    best_state = None
-    if baseline_val is not None:
-        result.best_val, result.best_step, best_state = baseline_val, 0, plain_state_dict(model)
+    # Augmentation draws from its own generator, and the shuffle order of epoch e is a pure function of
+    # (seed, e): a resumed run replays the order and skips the batches it trained on before.
+    loop = _Loop(optimizer, torch.Generator().manual_seed(cfg["seed"]), TrainResult())
+    if session.start_val is not None:
+        loop.result.best_val, loop.result.best_step, loop.best_state = session.start_val, 0, plain_state_dict(model)
     model.to(device).train()
-    forward = torch.compile(model) if cfg["hardware"].get("compile") else model
-    step, seconds_before = 0, 0.0
-    if save:
-        state = resume.load_state(run_dir, cfg.get("resume", "auto"), settings)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            aug_generator.set_state(state["aug_generator"])
-            resume.set_rng_state(state["rng"])
-            step, best_state, result.history = state["step"], state["best_state"], state["history"]
-            result.best_val, result.best_step = state["best_val"], state["best_step"]
-            result.last_val, seconds_before = state["last_val"], state.get("seconds", 0.0)
-            log.info("resumed from step %d of %d (epoch %d of %d) in %s", step, total_steps,
-                     step // steps_per_epoch + 1, epochs, run_dir / RESUME_FILE)
-    log.info("%s: %d steps (%d epochs x %d), batch %d, %s", phase, total_steps, epochs, steps_per_epoch, batch_size,
-             precision)
-    t0 = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc=phase, disable=None)
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-    kd_window: list[torch.Tensor] = []
-    watch = FiniteWatch(phase)
+    forward = torch.compile(model) if cfg["hardware"]["compile"] else model
+    if keep and (state := resume.load_state(session.run_dir, cfg["resume"], settings)) is not None:
+        loop.restore(model, state)
+        log.info("resumed from step %d of %d (epoch %d of %d) in %s", loop.step, total_steps,
+                 loop.step // steps_per_epoch + 1, session.epochs, session.run_dir / RESUME_FILE)
+    log.info("%s: %d steps (%d epochs x %d), batch %d, %s", session.name, total_steps, session.epochs,
+             steps_per_epoch, dcfg["batch_size"], tcfg["precision"])
+    if session.distill is not None:
+        session.distill.teacher.to(device).eval().requires_grad_(False)
+    started, watch, kd_window = time.time(), FiniteWatch(session.name), []
+    bar = tqdm(total=total_steps, initial=loop.step, desc=session.name, disable=None)
 
     def save_resume_state() -> None:
         watch.flush()
-        check_finite_weights(model, step)
-        resume.save_state(run_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "aug_generator": aug_generator.get_state(), "best_state": best_state, "best_val": result.best_val,
-            "best_step": result.best_step, "last_val": result.last_val, "history": result.history,
-            "seconds": seconds_before + time.time() - t0,
-        }, settings)
+        check_finite_weights(model, loop.step)
+        resume.save_state(session.run_dir, loop.state(model, started), settings)
 
     with interrupts.deferred():
-        for epoch in range(step // steps_per_epoch, epochs):
+        for epoch in range(loop.step // steps_per_epoch, session.epochs):
             order = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
-            batches = train_split.batches(batch_size, shuffle=True, generator=order, drop_last=True)
-            first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch: trained before
-            batches = itertools.islice(batches, first, steps_per_epoch)
-            for i, (images, labels) in enumerate(to_device(batches, device), start=first):
-                lr_scale = warmup_cosine(step, tcfg["warmup_steps"], total_steps, tcfg["warmup_zero_start"])
+            batches = train_split.batches(dcfg["batch_size"], shuffle=True, generator=order, drop_last=True)
+            first = loop.step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+            for i, (images, labels) in enumerate(to_device(itertools.islice(batches, first, steps_per_epoch),
+                                                           device), start=first):
+                lr_scale = warmup_cosine(loop.step, tcfg["warmup_steps"], total_steps, tcfg["warmup_zero_start"])
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * lr_scale
                 loss, kd, grad_norm = train_step(
-                    forward, optimizer, images, labels, resolution=resolution, augment=dcfg["augment"],
-                    generator=aug_generator, precision=precision, jitter=jitter,
-                    label_smoothing=tcfg["label_smoothing"], grad_clip=tcfg["grad_clip"], teacher=teacher,
-                    temperature=cfg["heal"]["temperature"] if teacher is not None else 1.0,
-                    kd_weight=cfg["heal"]["kd_weight"] if teacher is not None else 0.0,
-                )
-                watch.push(step, loss, grad_norm, [g["lr"] for g in optimizer.param_groups])
+                    forward, optimizer, images, labels, resolution=dcfg["resolution"], augment=dcfg["augment"],
+                    generator=loop.aug_generator, precision=tcfg["precision"], jitter=jitter,
+                    label_smoothing=tcfg["label_smoothing"], grad_clip=tcfg["grad_clip"], distill=session.distill)
+                watch.push(loop.step, loss, grad_norm, [g["lr"] for g in optimizer.param_groups])
                 if kd is not None:
                     kd_window.append(kd)
-                step += 1
+                loop.step += 1
                 bar.update()
-                if step % LOG_EVERY == 0:  # .item() waits for the GPU: not every step
-                    tracker.log({f"{phase}/loss": loss.item(), f"{phase}/lr_scale": lr_scale, "epoch": epoch},
-                                step=step_offset + step)
+                if loop.step % LOG_EVERY == 0:
+                    tracker.log({f"{session.name}/loss": loss.item(), f"{session.name}/lr_scale": lr_scale,
+                                 "epoch": epoch}, step=session.step_offset + loop.step)
 
                 end_of_epoch = i + 1 == steps_per_epoch
-                if step % val_interval == 0 or end_of_epoch:
+                if loop.step % val_interval == 0 or end_of_epoch:
                     watch.flush()
-                    check_finite_weights(model, step)
-                    val = validate(model, val_split, device, cfg, step)
+                    check_finite_weights(model, loop.step)
+                    val = validate(model, val_split, device, cfg, loop.step)
                     model.train()
-                    record = {"step": step, "epoch": epoch, "train_loss": loss.item(), **val}
+                    record = {"step": loop.step, "epoch": epoch, "train_loss": loss.item(), **val}
                     if kd_window:
-                        record["kd_loss"] = torch.stack(kd_window).mean().item()
-                        kd_window = []
-                    result.history.append(record)
-                    val_prefix = "val" if phase == "train" else f"{phase}_val"
-                    tracker.log({f"{val_prefix}/{k}": v for k, v in val.items()}, step=step_offset + step)
+                        record["kd_loss"], kd_window = torch.stack(kd_window).mean().item(), []
+                    loop.result.history.append(record)
+                    prefix = "val" if session.name == "train" else f"{session.name}_val"
+                    tracker.log({f"{prefix}/{k}": v for k, v in val.items()}, step=session.step_offset + loop.step)
                     bar.set_postfix(loss=f"{loss.item():.3f}", **{select: f"{val[select]:.4f}"})
-                    if improves(val, result.best_val, select, tiebreak):
-                        result.best_val, result.best_step = val, step
-                        payload = checkpoint_payload(model, cfg, step, val)
-                        best_state = payload["model"]
-                        if save and tcfg["save_best"]:
-                            save_checkpoint(payload, run_dir / "best.pt")
-                    result.last_val = val
-                if save and (end_of_epoch or (checkpoint_every and step % checkpoint_every == 0)):
+                    if improves(val, loop.result.best_val, select, tiebreak):
+                        loop.result.best_val, loop.result.best_step = val, loop.step
+                        payload = checkpoint_payload(model, cfg, loop.step, val)
+                        loop.best_state = payload["model"]
+                        if keep and tcfg["save_best"]:
+                            save_checkpoint(payload, session.run_dir / "best.pt")
+                    loop.result.last_val = val
+                if keep and (end_of_epoch or (tcfg["checkpoint_every"] and loop.step % tcfg["checkpoint_every"] == 0)):
                     save_resume_state()
                 if signum := interrupts.requested():
-                    if save:
+                    if keep:
                         save_resume_state()
                     bar.close()
-                    raise RunInterrupted(signum, step)
+                    raise RunInterrupted(signum, loop.step)
         watch.flush()
     bar.close()
-    result.steps, result.seconds = step, seconds_before + time.time() - t0
+    loop.result.steps, loop.result.seconds = loop.step, loop.seconds_before + time.time() - started
 
     merge_lora(model)
-    if save and tcfg["save_last"] and step:
-        check_finite_weights(model, step)
-        save_checkpoint(checkpoint_payload(model, cfg, step, result.last_val), run_dir / "last.pt")
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return result
-
-
-def build_optimizer(param_groups: list[dict], device: torch.device, lr: float) -> torch.optim.AdamW:
-    """AdamW; the fused kernel on CUDA (one launch for all parameters instead of one per tensor)."""
-    return torch.optim.AdamW(param_groups, lr=lr, fused=device.type == "cuda")
-
-
-LOG_EVERY = 10  # steps between training-loss logs
+    if keep and tcfg["save_last"] and loop.step:
+        check_finite_weights(model, loop.step)
+        save_checkpoint(checkpoint_payload(model, cfg, loop.step, loop.result.last_val), session.run_dir / "last.pt")
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    return loop.result

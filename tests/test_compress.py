@@ -456,3 +456,16 @@ def test_bare_backbone_is_accepted():
     backbone = make_model().backbone
     report = prune_mlp_neurons(backbone, 0.5)
     assert report[0]["layer"] == "model.layer.0.mlp"
+
+
+@pytest.mark.parametrize("nonzero,replaced", [(16, False), (15, True)])
+def test_svd_break_even_is_not_a_saving(nonzero: int, replaced: bool):
+    # q_proj is 32×32 (1024 weights); rank r costs r·(32 + 32): at r = 16 exactly as much, so it stays dense.
+    model = make_model()
+    weight = matrix_with_singular_values([1.0] * nonzero, HIDDEN, HIDDEN)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.attention.q_proj.weight.copy_(weight)
+    report = truncated_svd(model, 0.999, targets=("q_proj",))  # all the energy lies in `nonzero` directions
+    assert [(row["rank_for_tau"], row["replaced"]) for row in report] == [(nonzero, replaced)] * LAYERS
+    assert isinstance(layers(model)[0].attention.q_proj, LowRankLinear) is replaced

@@ -141,3 +141,19 @@ def test_synthetic_cli_writes_the_official_layout(tmp_path: Path, capsys) -> Non
     assert "not PCam data" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "syn").glob("*.h5")) == sorted(all_file_names())
     assert len(PCamSplit.load(tmp_path / "syn", "train")) == 16 and is_synthetic(tmp_path / "syn")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_shuffle_order_depends_on_the_generator_only(small_pcam: Path, monkeypatch, in_memory: bool) -> None:
+    """The same generator seed gives the same batches whatever the global RNG did (a resumed run relies on
+    it); another generator seed gives another order."""
+    monkeypatch.setattr(pcam, "SLAB_ROWS", 48)
+    split = PCamSplit.load(small_pcam, "train", in_memory=in_memory)
+
+    def order(generator_seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)  # a global RNG in another state must not matter
+        batches = split.batches(40, shuffle=True, generator=torch.Generator().manual_seed(generator_seed))
+        return torch.cat([x.flatten(1).sum(1) * 2 + y for x, y in batches])  # one number per sample, in order
+
+    assert torch.equal(order(5, global_seed=1), order(5, global_seed=2))
+    assert not torch.equal(order(5, global_seed=1), order(6, global_seed=1))

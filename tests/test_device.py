@@ -23,7 +23,8 @@ from pcamx.evaluate import predict_batch
 from pcamx.footprint import gflops, latency_ms, throughput_ips
 from pcamx.methods import METHODS, apply_method
 from pcamx.model import PCamClassifier, build_model
-from pcamx.train import build_optimizer, train_step
+from pcamx.optim import build_optimizer
+from pcamx.train import train_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 JITTER = ColorJitter(0.1, 0.1, 0.1, 0.03)

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -287,4 +288,5 @@ def test_module_entry_point_runs() -> None:
 
 def test_published_md5_table_covers_every_file() -> None:
     assert set(download.PCAM_MD5) == {f"{name}.gz" for name in NAMES}
-    assert all(len(v) == 32 and int(v, 16) >= 0 for v in download.PCAM_MD5.values())
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in download.PCAM_MD5.values())
+    assert len(set(download.PCAM_MD5.values())) == len(download.PCAM_MD5)  # no value pasted twice

@@ -1,5 +1,5 @@
 import copy
-import math
+import time
 
 import pytest
 import torch
@@ -79,8 +79,12 @@ def test_gflops_ignores_attention_kernel(vits16):
         vits16.config._attn_implementation = "sdpa"
 
 
-def test_gflops_scales_with_resolution(tiny):
-    assert gflops(tiny, 64) > gflops(tiny, 32) > 0
+def test_gflops_are_affine_in_the_token_count(tiny):
+    # Every counted module (linears, LayerNorms, the patch conv) costs a fixed amount per token or per
+    # patch, and patches = tokens − 5 (CLS + 4 registers): so GFLOPs are affine in tokens. Tokens at
+    # 32 / 48 / 64 px: 4 + 5 = 9, 9 + 5 = 14, 16 + 5 = 21.
+    g32, g48, g64 = gflops(tiny, 32), gflops(tiny, 48), gflops(tiny, 64)
+    assert (g64 - g32) / (g48 - g32) == pytest.approx((21 - 9) / (14 - 9), rel=1e-9)
 
 
 def test_gflops_restores_model_state(tiny):
@@ -122,16 +126,30 @@ def test_memory_vits16(vits16):
     assert memory_mb(vits16) == pytest.approx(count_params(vits16) * 4 / 1e6, rel=2e-3)
 
 
-def test_latency_and_throughput(tiny):
-    tiny.train()
-    x = torch.randn(2, 3, 32, 32)
-    ms = latency_ms(tiny, x, warmup=1, iters=3)
-    ips = throughput_ips(tiny, x, warmup=1, iters=3)
-    assert math.isfinite(ms) and ms > 0
-    assert math.isfinite(ips) and ips > 0
-    assert tiny.training
+class Sleeper(torch.nn.Module):
+    """A forward that takes a known time and records what it was given."""
+
+    def __init__(self, seconds: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.seconds, self.weight, self.inputs = seconds, torch.nn.Parameter(torch.zeros(1, dtype=dtype)), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append((x.dtype, x.shape[0], self.training))
+        time.sleep(self.seconds)
+        return x
 
 
-def test_latency_casts_input_to_model_dtype(tiny):
-    model = copy.deepcopy(tiny).to(torch.bfloat16)
-    assert latency_ms(model, torch.randn(1, 3, 32, 32), warmup=0, iters=1) > 0
+def test_latency_and_throughput_measure_the_forward():
+    model = Sleeper(0.01).train()
+    ms = latency_ms(model, torch.randn(1, 3, 8, 8), warmup=1, iters=5)
+    assert 10 <= ms < 40  # one forward sleeps 10 ms
+    ips = throughput_ips(model, torch.randn(4, 3, 8, 8), warmup=1, iters=5)
+    assert 100 < ips <= 400  # 4 images per 10 ms at best
+    assert model.training and {training for _, _, training in model.inputs} == {False}  # eval mode, restored
+    assert len(model.inputs) == 1 + 5 + 1 + 5  # warm-up and timed forwards, nothing more
+
+
+def test_latency_casts_input_to_model_dtype():
+    model = Sleeper(0.0, torch.bfloat16)
+    latency_ms(model, torch.randn(1, 3, 8, 8), warmup=0, iters=1)
+    assert model.inputs == [(torch.bfloat16, 1, False)]

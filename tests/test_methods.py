@@ -153,3 +153,21 @@ def test_lora_a_std_draws_a_from_a_normal_and_leaves_b_zero() -> None:
     apply_method(default, method_config("lora", r=8, alpha=16), 1e-3, 0.0)
     a_default = torch.cat([p.flatten() for n, p in default.backbone.named_parameters() if "lora_A" in n])
     assert a_default.std().item() > 0.05
+
+
+def test_lora_output_is_base_plus_alpha_over_r_times_b_of_a() -> None:
+    # alpha 12 with r 4: scaling 3, which peft's default (alpha 8 → 2) would not give.
+    model = tiny()
+    apply_method(model, method_config("lora", r=4, alpha=12, dropout=0.0), 1e-3, 0.0)
+    layer = model.backbone.base_model.model.model.layer[0].attention.q_proj
+    torch.manual_seed(3)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.normal_(0, 0.3)
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    model.eval()
+    x = torch.randn(5, 32)
+    base = layer.base_layer
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    by_hand = x @ base.weight.T + base.bias + (12 / 4) * (x @ a.T) @ b.T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), by_hand, atol=1e-5, rtol=0)

@@ -215,3 +215,64 @@ def test_improves_breaks_exact_ties_only_with_a_tiebreak():
     # Aliases work for both; a "min" main metric ties too.
     assert improves({**best, "auroc": 0.95}, best, "sens95", "auroc")
     assert improves({"nll": 0.30, "auroc": 0.91}, {"nll": 0.30, "auroc": 0.90}, "nll", "auroc")
+
+
+# ---------------------------------------------------------------- cases that tell bin counts and thresholds apart
+
+
+def test_ece_neighbouring_bins_with_opposite_gaps():
+    # Two samples in neighbouring 15-bins whose gaps have opposite signs: with 15 bins they count
+    # separately, with 10 bins they share (0.8, 0.9] and their gaps cancel in part.
+    #   p=0.82 y=1: correct, conf 0.82 ∈ (12/15, 13/15]  → gap acc−conf = +0.18
+    #   p=0.88 y=0: wrong,   conf 0.88 ∈ (13/15, 14/15]  → gap −0.88
+    # 15 bins: (0.18 + 0.88) / 2 = 0.53;  10 bins: |0.5 − 0.85| = 0.35.
+    y, p = np.array([1, 0]), np.array([0.82, 0.88])
+    assert expected_calibration_error(y, p) == pytest.approx(0.53, abs=1e-12)
+    assert expected_calibration_error(y, p, n_bins=10) == pytest.approx(0.35, abs=1e-12)
+
+
+@pytest.fixture
+def miscalibrated() -> tuple[np.ndarray, np.ndarray]:
+    """Over- and underconfident in alternate 15-bins: gaps of both signs side by side, which 10 bins would
+    partly cancel."""
+    rng = np.random.default_rng(1)
+    p = rng.random(4000)
+    conf = np.maximum(p, 1 - p)
+    sign = np.where(np.floor(conf * 15) % 2 == 0, 1.0, -1.0)
+    correct = rng.random(p.size) < np.clip(conf + 0.2 * sign, 0, 1)
+    y = np.where(correct, (p >= 0.5).astype(int), (p < 0.5).astype(int))
+    return y, p
+
+
+def test_ece_on_a_fixture_miscalibrated_both_ways_matches_the_naive_loop_and_depends_on_the_bins(miscalibrated):
+    y, p = miscalibrated
+    assert expected_calibration_error(y, p) == pytest.approx(_naive_ece(y, p, 15), abs=1e-12)
+    assert _naive_ece(y, p, 15) - _naive_ece(y, p, 10) > 0.03  # the bin count matters here
+    assert binary_metrics(y, p)["ece"] == pytest.approx(_naive_ece(y, p, 15), abs=1e-12)
+
+
+def _sens_spec_case() -> tuple[np.ndarray, np.ndarray]:
+    # 100 negatives: 1 at 0.95, 9 at 0.85, 5 at 0.75, 85 at 0.1. 10 positives as listed.
+    neg = [0.95] + [0.85] * 9 + [0.75] * 5 + [0.1] * 85
+    pos = [0.99, 0.96, 0.9, 0.88, 0.86, 0.8, 0.7, 0.6, 0.4, 0.2]
+    return np.array([0] * len(neg) + [1] * len(pos)), np.array(neg + pos)
+
+
+@pytest.mark.parametrize("specificity,expected", [
+    # ≤ 1 false positive: threshold just above 0.85 → positives 0.99 … 0.86 = 5 of 10.
+    (0.99, 0.5),
+    # ≤ 5: the 9 negatives at 0.85 come in together, so still at most 1 → 0.5.
+    (0.95, 0.5),
+    # ≤ 10 false positives (fpr 10/100 = 0.1, which must count as ≤ 1 − 0.90 despite float rounding):
+    # threshold down to 0.76 → positives ≥ 0.8 = 6 of 10.
+    (0.90, 0.6),
+])
+def test_sensitivity_at_other_specificities_on_hand_counted_roc_points(specificity, expected):
+    y, p = _sens_spec_case()
+    assert sensitivity_at_specificity(y, p, specificity) == pytest.approx(expected)
+
+
+def test_nll_clipping_constant_is_pinned():
+    # −ln(1e-7) = 16.11809565…: a saturated wrong prediction costs exactly that, whatever the dtype.
+    m = binary_metrics(np.array([1, 0]), np.array([0.0, 0.5]))
+    assert m["nll"] == pytest.approx((16.11809565095832 + math.log(2)) / 2, rel=1e-12)

@@ -48,7 +48,11 @@ def test_bf16_runs_in_bf16_and_stays_close_to_f32():
     quantized.head.register_forward_hook(lambda module, args, out: head_inputs.append(args[0].dtype))
     with torch.no_grad():
         logits = quantized(images())  # float32 pixels: the backbone casts them itself
-    assert all(p.dtype == torch.bfloat16 for p in quantized.parameters())
+    floating = [(n, t) for n, t in [*quantized.named_parameters(), *quantized.named_buffers()]
+                if t.is_floating_point()]
+    assert len(floating) == len(list(quantized.named_parameters())) + sum(
+        1 for _, b in quantized.named_buffers() if b.is_floating_point())
+    assert [n for n, t in floating if t.dtype != torch.bfloat16] == []  # every parameter and float buffer
     assert head_inputs == [torch.bfloat16] and logits.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits (relative error ≈ 2⁻⁹ ≈ 0.2% per rounding); through two blocks and the
     # head that compounds to about 1% of the logits, and probabilities move less than the logits do.

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pcamx.report.__main__ import main as cli
-from pcamx.report.reference_table import format_change, format_value, lora_label
+from pcamx.report.format import format_change, format_value, percent_change
+from pcamx.report.reference_table import lora_label
 from pcamx.report.sweep import collect_runs
 
 # The published table (../shared/REFERENCE.md), verbatim.
@@ -118,8 +119,10 @@ def test_without_a_baseline_no_changes_are_shown(tmp_path: Path) -> None:
 def test_formatting_rules() -> None:
     assert format_value("memory_mb", 86.52) == "86.5" and format_value("gflops", 0.0012) == "0.0012"
     assert format_value("params", 250_050) == "0.25M" and format_value("auroc", None) == "—"
-    assert format_change(43.26, 86.52) == " (↓50.0%)" and format_change(0.97998, 0.98001) == ""
-    assert format_change(1.1, 1.0) == " (↑10.0%)" and format_change(1.0, 0) == ""
+    assert format_change(percent_change(43.26, 86.52)) == " (↓50.0%)"
+    assert format_change(percent_change(0.97998, 0.98001)) == ""  # rounds to 0.0%: not shown
+    assert format_change(percent_change(1.1, 1.0)) == " (↑10.0%)" and percent_change(1.0, 0) is None
+    assert percent_change(20.08, 21.60) == pytest.approx(100 * (20.08 - 21.60) / 21.60)
     assert lora_label({"r": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}) == "LoRA (r=16; attn adapters)"
     assert lora_label({"r": 4, "targets": ["q_proj", "v_proj"]}) == "LoRA (r=4; q_proj+v_proj adapters)"
     assert lora_label({}) == "LoRA"

@@ -51,18 +51,22 @@ def make_sweep(root: Path, failing: bool = True) -> Path:
     """Jobs 0-3 ok (two uncompressed references, two compressed lora runs), 4 failed, 5 missing."""
     heads = {"method": "heads", "tau_heads": 0.89, "tau_mlp": None, "tau_svd": None}
     make_run(root, "0", ["method=lora", "debug=fast"], metrics("lora"), seed=0)
-    # Its own reference (the same trained model before pruning) gives the relative change.
+    # Its own reference (the same trained model before pruning) and the changes the pipeline wrote:
+    # params (20.08M - 21.6M) / 21.6M = -7.037 %, AUROC (0.9512 - 0.9540) / 0.9540 = -0.2935 %.
+    change = {"params": -7.037, "gflops": 0.0, "memory_mb": 0.0, "auroc": -0.294}
     make_run(root, "1", ["method=lora", "prune=heads", "prune.tau=0.89", "debug=fast"],
-             metrics("lora", prune=heads, params=20_080_000, auroc=0.9512, reference=REFERENCE), seed=1)
-    # No reference entry: job 0 (same method, uncompressed) is the reference.
+             metrics("lora", prune=heads, params=20_080_000, auroc=0.9512,
+                     reference={**REFERENCE, "change_pct": change}), seed=1)
     make_run(root, "2", ["method=lora", "quant=int8", "debug=fast"],
-             metrics("lora", quant="int8", memory_mb=21.0), seed=2)
+             metrics("lora", quant="int8", memory_mb=21.0, eval_precision="int8-dynamic",
+                     reference={**REFERENCE, "change_pct": {"memory_mb": -74.515}}), seed=2)
     make_run(root, "3", ["method=fullft", "debug=fast"], metrics("fullft", params=21_700_000), seed=3)
     if failing:
         make_run(root, "4", ["method=fullft", "prune=all", "prune.tau=0.9", "debug=fast", "train.lr=1e9"],
                  {"status": "failed", "error": "FloatingPointError: loss is nan | at step 3\n" + "x" * 200,
                   "traceback": "Traceback ..."},
                  config={"method": {"name": "fullft"}, "data": {"name": "synthetic"}, "model": {"name": "dinov3_tiny"},
+                         "prune": {"method": "all", "tau": 0.9, "tau_heads": None, "tau_mlp": None, "tau_svd": None},
                          "eval": {"tta": True}})
         make_run(root, "5", ["method=head_only", "debug=fast"], None,
                  config={"method": {"name": "head_only"}, "eval": {"tta": True}})
@@ -108,9 +112,9 @@ def test_summary_csv_has_raw_numbers_traceable_to_run_dirs(sweep: Path) -> None:
     by_job = {r["job"]: r for r in rows}
     assert int(by_job["1"]["params"]) == 20_080_000 and float(by_job["1"]["auroc"]) == 0.9512
     assert by_job["1"]["prune_method"] == "heads" and float(by_job["1"]["tau_heads"]) == 0.89
-    assert by_job["1"]["reference_source"] == "self" and int(by_job["1"]["reference.params"]) == 21_600_000
-    assert by_job["2"]["quant"] == "int8" and by_job["2"]["reference_source"] == str(sweep / "0")
-    assert by_job["0"]["reference_source"] == ""  # uncompressed: it is the reference
+    assert int(by_job["1"]["reference.params"]) == 21_600_000 and by_job["2"]["quant"] == "int8"
+    assert by_job["0"]["reference.params"] == ""  # uncompressed: it is the reference
+    assert by_job["2"]["eval_precision"] == "int8-dynamic" and by_job["0"]["tta_views"] == "8"
     assert by_job["1"]["overrides"] == "method=lora prune=heads prune.tau=0.89 debug=fast"
     assert by_job["1"]["override.prune.tau"] == "0.89" and by_job["4"]["override.train.lr"] == "1e9"
     assert by_job["4"]["error"].startswith("FloatingPointError: loss is nan") and by_job["4"]["params"] == ""
@@ -127,27 +131,27 @@ def test_summary_md_shows_varying_columns_and_a_constant_header(sweep: Path) -> 
     # train.lr differs (set only by job 4); debug=fast and the context do not; method/quant/prune have
     # their own columns.
     assert header == ["Job", "train.lr", "Method", "Quantization", "Pruning/τ", "Parameters", "GFLOPs",
-                      "Memory (MB)", "AUROC", "AUPRC", "Sens@95%Spec", "ECE", "Brier", "Acc", "NLL", "Status"]
+                      "Memory (MB)", "AUROC", "AUPRC", "Sens @95%Spec", "ECE", "Brier", "Acc", "NLL", "Status"]
     cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
     assert cells["0"]["Parameters"] == "21.60M" and cells["0"]["AUROC"] == "0.9540"
     assert cells["1"]["Parameters"] == "20.08M (↓7.0%)"
-    assert cells["1"]["AUROC"] == "0.9512 (↓0.3%)" and cells["1"]["GFLOPs"] == "4.61 (±0.0%)"
+    assert cells["1"]["AUROC"] == "0.9512 (↓0.3%)" and cells["1"]["GFLOPs"] == "4.61"  # no change: no arrow
     assert cells["1"]["Pruning/τ"] == "heads τ=0.89" and cells["1"]["train.lr"] == "—"
-    assert cells["2"]["Memory (MB)"] == "21.00 (↓74.5%)" and cells["2"]["Quantization"] == "int8"
-    assert cells["3"]["Parameters"] == "21.70M"  # fullft has no uncompressed sibling to compare with
+    assert cells["2"]["Memory (MB)"] == "21.0 (↓74.5%)" and cells["2"]["Quantization"] == "int8 (dynamic)"
+    assert cells["0"]["Quantization"] == "none (f32)" and cells["3"]["Parameters"] == "21.70M"
     assert cells["4"]["Status"].startswith("failed: FloatingPointError: loss is nan \\| at step 3")
     assert cells["4"]["Status"].endswith("…") and len(cells["4"]["Status"]) < 100
     assert cells["4"]["Method"] == "fullft" and cells["4"]["AUROC"] == "—" and cells["4"]["train.lr"] == "1e9"
-    assert cells["4"]["Pruning/τ"] == "all τ=0.9"  # its config has no prune node: the overrides say
+    assert cells["4"]["Pruning/τ"] == "all τ=0.9"  # from its config: it wrote no metrics
     assert cells["5"]["Status"].startswith("missing") and cells["5"]["Method"] == "head_only"
 
 
 def test_relative_change_format() -> None:
-    assert format_cell("params", 20_080_000, 21_600_000) == "20.08M (↓7.0%)"
+    assert format_cell("params", 20_080_000, -7.037) == "20.08M (↓7.0%)"
     assert format_cell("params", 21_600_000) == "21.60M"
-    assert format_cell("ece", 0.033, 0.03) == "0.0330 (↑10.0%)"
-    assert format_cell("auroc", None, 0.95) == "—"
-    assert format_cell("gflops", 2.0, 0) == "2.00"  # no percentage of nothing
+    assert format_cell("ece", 0.033, 10.0) == "0.0330 (↑10.0%)"
+    assert format_cell("auroc", None, -0.3) == "—"
+    assert format_cell("gflops", 2.0, 0.04) == "2.00"  # rounds to 0.0 %: no arrow
     assert format_pruning({"method": "all", "tau_heads": 0.9, "tau_mlp": 0.9, "tau_svd": 0.9}) == "all τ=0.9"
     assert format_pruning({"method": "all", "tau_heads": 0.9, "tau_mlp": 0.8, "tau_svd": None}) == (
         "all τ_heads=0.9 τ_mlp=0.8")

@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 from conftest import CONF, REPO, TINY_MODEL
 from pcamx.methods import apply_method
 from pcamx.model import build_model
+from pcamx.optim import warmup_cosine
 from pcamx.pipeline import effective_precisions
 from pcamx.report.__main__ import main as report
-from pcamx.report.reference_table import format_change, format_value
+from pcamx.report.format import format_change, format_value, percent_change
 from pcamx.report.sweep import collect_runs
-from pcamx.train import warmup_cosine
 
 PRESETS = ["repro_head_only", "repro_lora", "repro_fullft", "repro_compress"]
 
@@ -167,7 +167,7 @@ def test_recipe_renders_all_12_row_kinds_with_hand_computed_changes(recipe: Path
             if key in ("params", "gflops", "memory_mb", "auroc") and kind != ("fullft", False, "none"):
                 pct = round(100 * (m[key] - base[key]) / base[key], 1)
                 expected += "" if pct == 0 else f" ({'↑' if pct > 0 else '↓'}{abs(pct):.1f}%)"
-                assert expected.endswith(format_change(m[key], base[key]))
+                assert expected.endswith(format_change(percent_change(m[key], base[key])))
             assert cell == expected, (kind, key)
     # Compression and bf16 both shrink the model: their changes are really shown.
     assert "↓" in rows[1][4] and "↓" in rows[6][2] and "↓" in rows[6][3]

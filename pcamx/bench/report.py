@@ -139,14 +139,8 @@ def _pipeline_md(sec: dict[str, Any]) -> list[str]:
 
 def _eval_md(sec: dict[str, Any]) -> list[str]:
     out: list[str] = []
-    p = sec["pcamx"]
-    rows = [[f"pcamx, 8 views batched, {p['precision']}", _n(_ips(p)), "—", str(p["batch_size"]), _iters(p)]]
-    if "pcamx_fp32" in sec:
-        q = sec["pcamx_fp32"]
-        rows.append(["pcamx, 8 views batched, fp32", _n(_ips(q)), "—", str(q["batch_size"]), _iters(q)])
-    if "pcamx_6_fp32" in sec:
-        q = sec["pcamx_6_fp32"]
-        rows.append(["pcamx, 6 views batched, fp32", _n(_ips(q)), "—", str(q["batch_size"]), _iters(q)])
+    rows = [[f"pcamx, {q['views']} views batched, {q['precision']}", _n(_ips(q)), "—", str(q["batch_size"]),
+             _iters(q)] for q in (sec.get(k) for k in ("pcamx", "pcamx_fp32", "pcamx_6_fp32")) if q]
     for views, r in sec["reference"].items():
         rows.append([f"reference, {views}-view loop, fp32", _n(_ips(r)), _x(sec["ratio"][views]),
                      str(r["batch_size"]), _iters(r)])

@@ -36,8 +36,9 @@ from pcamx.evaluate import predict_batch
 from pcamx.footprint import count_params, gflops
 from pcamx.methods import METHODS, apply_method
 from pcamx.model import PCamClassifier, architecture, build_classifier, build_model
+from pcamx.optim import build_optimizer
 from pcamx.quant import quantize
-from pcamx.train import build_optimizer, train_step
+from pcamx.train import train_step
 
 EQUIVALENCE_ATOL = 1e-4
 COMPRESSED_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (

@@ -139,18 +139,8 @@ def _fetch(url: str, part: Path, progress: bool) -> None:
             length = response.headers.get("Content-Length")
             if total is None and length is not None:
                 total = offset + int(length)
-            with (
-                open(part, mode) as out,
-                tqdm(
-                    total=total,
-                    initial=offset,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=part.name.removesuffix(".part"),
-                    disable=None if progress else True,
-                ) as bar,
-            ):
+            with open(part, mode) as out, io.byte_progress(total, part.name.removesuffix(".part"), progress,
+                                                             initial=offset) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -169,22 +159,7 @@ def _fetch(url: str, part: Path, progress: bool) -> None:
 
 
 def _md5(path: Path, progress: bool) -> str:
-    digest = hashlib.md5()
-    with (
-        open(path, "rb") as f,
-        tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"md5 {path.name}",
-            disable=None if progress else True,
-        ) as bar,
-    ):
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+    return io.file_digest(path, "md5", progress)
 
 
 def _gunzip(src: Path, dst: Path, progress: bool) -> str:
@@ -196,8 +171,7 @@ def _gunzip(src: Path, dst: Path, progress: bool) -> str:
             open(tmp, "wb") as out,
             open(src, "rb") as raw,
             gzip.GzipFile(fileobj=raw) as inp,
-            tqdm(total=src.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"gunzip {src.name}",
-                 disable=None if progress else True) as bar,
+            io.byte_progress(src.stat().st_size, f"gunzip {src.name}", progress) as bar,
         ):
             while chunk := inp.read(_CHUNK):
                 out.write(chunk)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
-SPLIT_SIZES: dict[str, int] = {"train": 262_144, "valid": 32_768, "test": 32_768}
 IMAGE_SHAPE: tuple[int, int, int] = (96, 96, 3)
 LABEL_SHAPE: tuple[int, int, int] = (1, 1, 1)
 # Both datasets are named this way inside the official files.

@@ -131,10 +131,8 @@ class PCamSplit:
     to the device, where all float work happens.
     """
 
-    def __init__(self, files: SplitFiles, in_memory: bool = True, source: str = "pcam", verify: bool = False):
+    def __init__(self, files: SplitFiles, in_memory: bool = True, verify: bool = False):
         self.files = files
-        self.in_memory = in_memory
-        self.source = source
         self.labels = torch.from_numpy(files.read_labels().astype(np.int64))
         self.images: torch.Tensor | None = None
         if in_memory:
@@ -143,10 +141,9 @@ class PCamSplit:
             files.verify_images()
 
     @classmethod
-    def load(cls, root: str | Path, split: str, limit: int = 0, in_memory: bool = True, source: str = "pcam",
-             verify: bool = False):
+    def load(cls, root: str | Path, split: str, limit: int = 0, in_memory: bool = True, verify: bool = False):
         """`verify` (streaming only; in memory every image is read anyway): read the split through once now."""
-        return cls(SplitFiles.open(root, split, limit), in_memory=in_memory, source=source, verify=verify)
+        return cls(SplitFiles.open(root, split, limit), in_memory=in_memory, verify=verify)
 
     def __len__(self) -> int:
         return self.files.n

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pcamx import io
 from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, SPLITS, X_KEY, Y_KEY, file_name
 from pcamx.locks import exclusive
 
@@ -96,9 +94,7 @@ def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed:
     """Write all six files under `root` (atomically: a temp dir is renamed into place)."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with io.atomic_dir(root) as tmp:
         for split in SPLITS:
             x, y = generate_split(sizes[split], seed, split)
             _write_h5(tmp / file_name(split, X_KEY), X_KEY, x)
@@ -107,11 +103,6 @@ def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed:
             "synthetic": True, "version": GENERATOR_VERSION, "seed": seed, "sizes": sizes, "label_noise": LABEL_NOISE
         }
         (tmp / MARKER).write_text(json.dumps(spec, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -11,17 +11,15 @@ run (default: the full-FT, unquantized, f32-evaluated run), and only where they 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pcamx.report.format import VALUE_COLUMNS, format_change, format_value, percent_change
 from pcamx.report.sweep import SYNTHETIC_NOTE, RunRecord, md_escape, shorten
 
-COLUMNS = ("Method", "Quantization", "Parameters", "GFLOPs", "Memory (MB)", "AUROC", "AUPRC", "Sens @95%Spec",
-           "ECE", "Brier", "Acc", "NLL")
-ALIGN = ("---", "---", "---", *("---:",) * 9)
-VALUE_KEYS = ("params", "gflops", "memory_mb", "auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
+COLUMNS = ("Method", "Quantization", *(header for _, header in VALUE_COLUMNS))
+ALIGN = ("---", "---", "---", *("---:",) * (len(VALUE_COLUMNS) - 1))
 CHANGE_KEYS = ("params", "gflops", "memory_mb", "auroc")
 METHOD_ORDER = ("fullft", "lora", "head_only")
 UNCOMPRESSED_LABELS = {"fullft": "Full fine‑tune (FT)", "head_only": "Linear probe (head-only)"}
@@ -35,33 +33,6 @@ PRECISION_ORDER = ("fp32", "bf16-autocast", "bf16", "int8-weight-only", "int8-dy
 
 class BaselineError(ValueError):
     """The baseline run asked for is not among the runs or did not finish ok."""
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def format_value(key: str, value: Any) -> str:
-    """As printed in the reference: 21.60M, 8.67, 86.5, 0.9800; small models keep two significant digits."""
-    if not _number(value):
-        return "—"
-    if key == "params":
-        return f"{value / 1e6:.2f}M"
-    if key in ("gflops", "memory_mb"):
-        if abs(value) < 0.1 and value != 0:
-            return f"{value:.2g}"
-        return f"{value:.2f}" if key == "gflops" else f"{value:.1f}"
-    return f"{value:.4f}"
-
-
-def format_change(value: Any, baseline: Any) -> str:
-    """` (↓7.0%)`, or "" when the change rounds to 0.0% or there is nothing to compare."""
-    if not (_number(value) and _number(baseline)) or baseline == 0:
-        return ""
-    pct = round((value - baseline) / abs(baseline) * 100, 1)
-    if pct == 0:
-        return ""
-    return f" ({'↑' if pct > 0 else '↓'}{abs(pct):.1f}%)"
 
 
 def lora_label(config: dict[str, Any]) -> str:
@@ -187,11 +158,11 @@ def reference_table(runs: Sequence[RunRecord], baseline: RunRecord | None) -> st
         label = method_label(group[0], seen_plans)
         for i, run in enumerate(group):
             cells = [label if i == 0 else "-", run.quantization]
-            for key in VALUE_KEYS:
+            for key, _ in VALUE_COLUMNS:
                 value = run.metrics.get(key)
                 text = format_value(key, value)
                 if key in CHANGE_KEYS and run is not baseline and text != "—":
-                    text += format_change(value, base.get(key))
+                    text += format_change(percent_change(value, base.get(key)))
                 cells.append(text)
             cells += [str(getattr(run, attr) or "—") for _, attr in extra]
             lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")

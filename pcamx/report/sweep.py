@@ -7,16 +7,9 @@ sweep whose launcher process died never gets one that matches what ran.
 
 Outputs (see `write_summary`):
   summary.csv  one row per run, raw numbers only, each traceable through its run_dir column;
-  summary.md   the reference results table, with relative changes against the uncompressed model;
+  summary.md   one row per run; a compressed or quantized run shows its change against its own
+               uncompressed f32 model (metrics.json's `reference.change_pct`), or the reference layout;
   roc.png      one ROC curve per ok run, labelled by the overrides that differ across the sweep.
-
-Relative change in summary.md: a compressed run (quantization other than none, or pruning other
-than none) shows `value (↓x.x%)` / `value (↑x.x%)`, the change in percent of the reference value,
-for every column that has a reference value. The arrow gives the direction only, not whether it is
-better (↓ is good for ECE, bad for AUROC). The reference is the run's own `reference` entry in
-metrics.json (the same trained model before compression) or, if that is absent, the one ok
-uncompressed run of the sweep with the same method, model, data and other overrides. Uncompressed
-runs show plain values: they are the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -41,14 +33,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from pcamx import io  # noqa: E402
+from pcamx.report.format import VALUE_COLUMNS, format_cell, quantization_label  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 PREDICTIONS_FILE = "predictions.csv"
-
-METRIC_KEYS = ("auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll")
-FOOTPRINT_KEYS = ("params", "gflops", "memory_mb")
 TAU_KEYS = ("tau_heads", "tau_mlp", "tau_svd")
 # Describe the run; shown in the header when constant across the sweep, as columns when not.
 CONTEXT_KEYS = ("data", "model", "tta_views", "resolution", "n_test")
@@ -58,10 +48,10 @@ _DESCRIBED = re.compile(
     r"|eval\.precision)$")
 # Scalars of metrics.json that are not numbers to compare but are still worth a CSV column.
 _SKIP_CSV = {"status", "error", "traceback", "run_dir", "prune", "reference", "val"}
-
-MD_COLUMNS = ("Method", "Quantization", "Pruning/τ", "Parameters", "GFLOPs", "Memory (MB)", "AUROC", "AUPRC",
-              "Sens@95%Spec", "ECE", "Brier", "Acc", "NLL")
-_VALUE_COLUMNS = dict(zip(MD_COLUMNS[3:], (*FOOTPRINT_KEYS, *METRIC_KEYS), strict=True))
+# Each descriptive field: its metrics.json key, then the config key that says it for a run without metrics.
+_FIELDS = {"method": "method.name", "model": "model.name", "data": "data.name", "quant": "quant.mode",
+           "eval_precision": "eval.precision", "resolution": "data.resolution", "method_config": "method",
+           "n_test": None}
 SYNTHETIC_NOTE = "synthetic stand-in data — not PCam"
 ERROR_WIDTH = 80
 
@@ -86,49 +76,30 @@ class RunRecord:
 
     @property
     def override_map(self) -> dict[str, str]:
-        out = {}
-        for item in self.overrides:
-            key, _, value = item.partition("=")
-            out[key.lstrip("+")] = value
-        return out
+        return {key.lstrip("+"): value for key, _, value in (o.partition("=") for o in self.overrides)}
 
-    @property
-    def method(self) -> str | None:
-        return self.metrics.get("method") or _select(self.config, "method.name")
+    def get(self, name: str) -> Any:
+        """A descriptive field: what metrics.json says (what actually ran), else what the config asked for."""
+        if self.metrics.get(name) is not None:
+            return self.metrics[name]
+        return _select(self.config, _FIELDS[name]) if _FIELDS.get(name) else None
 
-    @property
-    def model(self) -> str | None:
-        return self.metrics.get("model") or _select(self.config, "model.name")
-
-    @property
-    def data(self) -> str | None:
-        # metrics.json knows what was actually read (the synthetic marker), the config only what was asked.
-        return self.metrics.get("data") or _select(self.config, "data.name")
-
-    @property
-    def tta(self) -> bool | None:
-        return self.metrics["tta"] if "tta" in self.metrics else _select(self.config, "eval.tta")
+    method = property(lambda self: self.get("method"))
+    model = property(lambda self: self.get("model"))
+    data = property(lambda self: self.get("data"), doc="read from the data dir's marker when the run ran")
+    quant = property(lambda self: self.get("quant"))
+    eval_precision = property(lambda self: self.get("eval_precision"))
+    resolution = property(lambda self: self.get("resolution"))
+    method_config = property(lambda self: self.get("method_config") or {})
+    n_test = property(lambda self: self.get("n_test"))
 
     @property
     def tta_views(self) -> int | None:
-        """Test-time views averaged (1 = no TTA); from the config when the run wrote no metrics."""
+        """Test-time views averaged (1 = no TTA)."""
         if "tta_views" in self.metrics:
             return self.metrics["tta_views"]
         views = _select(self.config, "eval.tta_views")
         return None if views is None else (views if _select(self.config, "eval.tta") else 1)
-
-    @property
-    def resolution(self) -> int | None:
-        return self.metrics.get("resolution") or _select(self.config, "data.resolution")
-
-    @property
-    def eval_precision(self) -> str | None:
-        """fp32 | bf16-autocast | bf16 | int8-weight-only | int8-dynamic (see pcamx.quant.eval_precision_label)."""
-        return self.metrics.get("eval_precision") or _select(self.config, "eval.precision")
-
-    @property
-    def method_config(self) -> dict[str, Any]:
-        return self.metrics.get("method_config") or _select(self.config, "method") or {}
 
     @property
     def quantization(self) -> str:
@@ -136,43 +107,9 @@ class RunRecord:
         return quantization_label(self.quant, self.eval_precision)
 
     @property
-    def n_test(self) -> int | None:
-        return self.metrics.get("n_test")
-
-    @property
-    def quant(self) -> str | None:
-        """"none" when an ok run does not say (older metrics.json); None when a failed run's config is lost."""
-        if self.ok:
-            return self.metrics.get("quant") or "none"
-        q = self.config.get("quant", self.override_map.get("quant"))
-        if isinstance(q, dict):
-            q = q.get("mode") or q.get("name")
-        return q or ("none" if self.config else None)
-
-    @property
     def prune(self) -> dict[str, Any]:
         """{"method": ..., "tau_*": ...}; method "none" when not pruned, None when unknown."""
-        p = self.metrics.get("prune") if self.ok else self.config.get("prune") or self._prune_from_overrides()
-        if isinstance(p, str):
-            p = {"method": p}
-        p = dict(p or {})
-        p.setdefault("method", "none" if self.ok or self.config else None)
-        return p
-
-    def _prune_from_overrides(self) -> dict[str, Any]:
-        # Last resort for a failed run whose config has no prune node: what the command line asked for.
-        o = self.override_map
-        p: dict[str, Any] = {}
-        if "prune" in o or "prune.method" in o:
-            p["method"] = o.get("prune.method", o.get("prune"))
-        for key in TAU_KEYS:
-            value = o.get(f"prune.{key}", o.get("prune.tau"))
-            if value is not None:
-                try:
-                    p[key] = float(value)
-                except ValueError:
-                    p[key] = value
-        return p
+        return dict(self.metrics.get("prune") or self.config.get("prune") or {"method": None})
 
     @property
     def compressed_model(self) -> bool:
@@ -180,11 +117,9 @@ class RunRecord:
         return self.prune["method"] not in (None, "none")
 
     @property
-    def compressed(self) -> bool:
-        return self.quant not in (None, "none") or self.prune["method"] not in (None, "none")
-
-    def context(self, key: str) -> Any:
-        return getattr(self, key)
+    def change_pct(self) -> dict[str, float]:
+        """Change of each number against the run's own uncompressed f32 model (compressed/quantized runs)."""
+        return (self.metrics.get("reference") or {}).get("change_pct") or {}
 
 
 def _select(config: dict[str, Any], dotted: str) -> Any:
@@ -262,94 +197,25 @@ def collect_runs(dirs: Sequence[str | Path]) -> list[RunRecord]:
             if resolved in runs:
                 continue  # overlapping arguments: report each run once
             rel = run_dir.relative_to(root)
-            job = str(rel) if rel.parts else run_dir.name
-            record = read_run(run_dir, job)
+            record = read_run(run_dir, str(rel) if rel.parts else run_dir.name)
             record.sort_key = (index, _natural_key(rel.parts or (run_dir.name,)))
             runs[resolved] = record
     return sorted(runs.values(), key=lambda r: r.sort_key)
 
 
-# ---------------------------------------------------------------- references
-
-
-def _reference_key(run: RunRecord) -> tuple:
-    others = tuple(sorted((k, v) for k, v in run.override_map.items() if not _DESCRIBED.match(k)))
-    return (run.method, run.model, run.data, run.tta_views, run.resolution, run.n_test, others)
-
-
-def find_references(runs: Sequence[RunRecord]) -> dict[Path, tuple[dict[str, Any], str]]:
-    """run_dir → (reference values, where they come from) for every compressed run that has one."""
-    baselines: dict[tuple, list[RunRecord]] = {}
-    for run in runs:
-        if run.ok and not run.compressed:
-            baselines.setdefault(_reference_key(run), []).append(run)
-    refs = {}
-    for run in runs:
-        if not run.compressed:
-            continue
-        own = run.metrics.get("reference")
-        if isinstance(own, dict) and own:
-            refs[run.run_dir] = (own, "self")
-            continue
-        # Two candidate baselines would make the change ambiguous: show none rather than guess.
-        candidates = baselines.get(_reference_key(run), [])
-        if len(candidates) == 1:
-            refs[run.run_dir] = (candidates[0].metrics, str(candidates[0].run_dir))
-    return refs
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def format_value(key: str, value: Any) -> str:
-    if not _is_number(value):
-        return "—"
-    if key == "params":
-        return f"{value / 1e6:.2f}M"
-    if key in ("gflops", "memory_mb"):
-        # Two decimals for ViT-S sizes; significant digits for the tiny test model's 0.0012 GFLOPs.
-        return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.2g}"
-    return f"{value:.4f}"
-
-
-def format_change(value: Any, reference: Any) -> str:
-    """`↓7.0%`: change of `value` in percent of `reference`; "" when there is nothing to compare."""
-    if not (_is_number(value) and _is_number(reference)) or reference == 0:
-        return ""
-    pct = (value - reference) / abs(reference) * 100
-    if round(pct, 1) == 0:
-        return "±0.0%"
-    return f"{'↑' if pct > 0 else '↓'}{abs(pct):.1f}%"
-
-
-def format_cell(key: str, value: Any, reference: Any = None) -> str:
-    text = format_value(key, value)
-    change = format_change(value, reference) if text != "—" else ""
-    return f"{text} ({change})" if change else text
-
-
-def quantization_label(quant: str | None, eval_precision: str | None) -> str:
-    """`none (f32)`, `none (bf16 autocast)`, `bf16`, `int8 (dynamic)`, … as in the reference table."""
-    if quant is None:
-        return "—"
-    if quant == "none":
-        if eval_precision in (None, "fp32"):
-            return "none (f32)"
-        return f"none ({eval_precision.replace('-', ' ')})"
-    if eval_precision and eval_precision != quant and eval_precision.startswith(f"{quant}-"):
-        return f"{quant} ({eval_precision.removeprefix(quant + '-')})"
-    return quant
+# ---------------------------------------------------------------- the default table
 
 
 def format_pruning(prune: dict[str, Any]) -> str:
+    """`heads τ=0.89`, `all τ=0.9`, `all τ_heads=0.89 τ_mlp=0.975`: from metrics.json's resolved τ per step,
+    or from a config (a run without metrics), where a step without its own τ uses `tau`."""
     method = prune.get("method")
     if method in (None, "none"):
         return "none" if method else "—"
-    taus = {k: prune.get(k) for k in TAU_KEYS if prune.get(k) is not None}
+    steps = [k.removeprefix("tau_") for k in TAU_KEYS] if method == "all" else [method]
+    taus = {f"tau_{s}": prune.get(f"tau_{s}", None) if prune.get(f"tau_{s}") is not None else prune.get("tau")
+            for s in steps}
+    taus = {k: v for k, v in taus.items() if v is not None}
     if not taus:
         return str(method)
     if len(set(taus.values())) == 1:
@@ -378,7 +244,7 @@ def split_columns(runs: Sequence[RunRecord]) -> tuple[list[str], list[str], dict
     constants: dict[str, Any] = {}
     varying_context = []
     for key in CONTEXT_KEYS:
-        known = [r.context(key) for r in runs if r.context(key) is not None]
+        known = [getattr(r, key) for r in runs if getattr(r, key) is not None]
         if _varying(known):
             varying_context.append(key)
         elif known:
@@ -395,32 +261,26 @@ def split_columns(runs: Sequence[RunRecord]) -> tuple[list[str], list[str], dict
 
 def markdown_table(runs: Sequence[RunRecord]) -> str:
     """summary.md: a header with what is constant, then one row per run."""
-    refs = find_references(runs)
     varying_overrides, varying_context, constants = split_columns(runs)
     counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "interrupted", "missing")}
     lines = ["# Sweep summary", ""]
     if any(r.data == "synthetic" for r in runs):
         lines += [f"> **{SYNTHETIC_NOTE}.** These numbers describe the generated stand-in, not PatchCamelyon.", ""]
-    lines.append(f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    lines.append("")
+    lines += [f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
     if constants:
         lines += [" · ".join(f"{k}: {v}" for k, v in constants.items()), ""]
-    lines += [
-        "Relative change (↓/↑ %, direction only) is against the uncompressed f32 model of the same "
-        "method; uncompressed rows are that reference. Raw numbers and run directories: summary.csv.",
-        "",
-    ]
+    lines += ["Relative change (↓/↑ %, direction only) is against the same trained model uncompressed and in f32; "
+              "uncompressed rows are that reference. Raw numbers and run directories: summary.csv.", ""]
     show_status = any(not r.ok for r in runs)
-    header = ["Job", *varying_overrides, *varying_context, *MD_COLUMNS] + (["Status"] if show_status else [])
+    header = ["Job", *varying_overrides, *varying_context, "Method", "Quantization", "Pruning/τ",
+              *(h for _, h in VALUE_COLUMNS)] + (["Status"] if show_status else [])
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(" --- " for _ in header) + "|")
     for run in runs:
-        ref = refs.get(run.run_dir, ({}, ""))[0]
-        cells = [run.job]
-        cells += [_plain(run.override_map.get(k)) for k in varying_overrides]
-        cells += [_plain(run.context(k)) for k in varying_context]
-        cells += [_plain(run.method), run.quantization, format_pruning(run.prune)]
-        cells += [format_cell(key, run.metrics.get(key), ref.get(key)) for key in _VALUE_COLUMNS.values()]
+        cells = [run.job, *(_plain(run.override_map.get(k)) for k in varying_overrides),
+                 *(_plain(getattr(run, k)) for k in varying_context),
+                 _plain(run.method), run.quantization, format_pruning(run.prune)]
+        cells += [format_cell(key, run.metrics.get(key), run.change_pct.get(key)) for key, _ in VALUE_COLUMNS]
         if show_status:
             cells.append(run.status if run.ok else f"{run.status}: {shorten(run.error or '')}")
         lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
@@ -432,32 +292,26 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
 
 def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of summary.csv: raw values only, `None` where a run has none."""
-    refs = find_references(runs)
     override_keys = sorted({k for r in runs for k in r.override_map})
-    known = [*FOOTPRINT_KEYS, *METRIC_KEYS, "n_test", "tta", "tta_views", "resolution", "eval_precision"]
-    extras = sorted({k for r in runs for k, v in r.metrics.items()
-                     if k not in _SKIP_CSV and k not in known and not isinstance(v, dict | list)}
-                    - {"data", "model", "method", "quant"})
-    ref_keys = [*FOOTPRINT_KEYS, *METRIC_KEYS]
+    values = [key for key, _ in VALUE_COLUMNS]
+    described = ["n_test", "tta", "tta_views", "resolution", "eval_precision"]
+    extras = sorted({k for r in runs for k, v in r.metrics.items() if not isinstance(v, dict | list)}
+                    - _SKIP_CSV - set(values) - set(described) - {"data", "model", "method", "quant"})
     columns = ["job", "status", "error", "run_dir", "overrides", *(f"override.{k}" for k in override_keys),
-               "method", "model", "data", "quant", "prune_method", *TAU_KEYS, *known, *extras,
-               "reference_source", *(f"reference.{k}" for k in ref_keys)]
+               "method", "model", "data", "quant", "prune_method", *TAU_KEYS, *values, *described, *extras,
+               *(f"reference.{k}" for k in values)]
     rows = []
     for run in runs:
-        ref, source = refs.get(run.run_dir, ({}, None))
-        prune = run.prune
-        row: dict[str, Any] = {
+        reference = run.metrics.get("reference") or {}
+        rows.append({
             "job": run.job, "status": run.status, "error": run.error, "run_dir": str(run.run_dir),
-            "overrides": " ".join(run.overrides),
-            **{f"override.{k}": run.override_map.get(k) for k in override_keys},
+            "overrides": " ".join(run.overrides), **{f"override.{k}": run.override_map.get(k) for k in override_keys},
             "method": run.method, "model": run.model, "data": run.data, "quant": run.quant,
-            "prune_method": prune.get("method"), **{k: prune.get(k) for k in TAU_KEYS},
-            **{k: run.metrics.get(k) for k in known}, "tta": run.tta, "n_test": run.n_test,
-            "tta_views": run.tta_views, "resolution": run.resolution, "eval_precision": run.eval_precision,
-            **{k: run.metrics.get(k) for k in extras},
-            "reference_source": source, **{f"reference.{k}": ref.get(k) for k in ref_keys},
-        }
-        rows.append(row)
+            "prune_method": run.prune.get("method"), **{k: run.prune.get(k) for k in TAU_KEYS},
+            **{k: run.metrics.get(k) for k in (*values, *extras)}, "n_test": run.n_test,
+            "tta": run.metrics.get("tta"), "tta_views": run.tta_views, "resolution": run.resolution,
+            "eval_precision": run.eval_precision, **{f"reference.{k}": reference.get(k) for k in values},
+        })
     return columns, rows
 
 
@@ -496,8 +350,9 @@ def plot_sweep_roc(runs: Sequence[RunRecord], path: Path) -> Path:
             auroc = roc_auc_score(labels, probs)
         except (OSError, ValueError, KeyError):
             continue  # one unreadable file must not cost the whole figure
-        label = f"{run.job}: {_legend_label(run, keys)} (AUROC {auroc:.4f})"
-        ax.plot(fpr, tpr, linewidth=1.2, label=label)
+        parts = [f"{k}={run.override_map[k]}" for k in keys if k in run.override_map]
+        label = " ".join(parts) or " · ".join([_plain(run.method), run.quantization, format_pruning(run.prune)])
+        ax.plot(fpr, tpr, linewidth=1.2, label=f"{run.job}: {label} (AUROC {auroc:.4f})")
         plotted += 1
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
     synthetic = any(r.data == "synthetic" for r in runs)
@@ -514,15 +369,7 @@ def plot_sweep_roc(runs: Sequence[RunRecord], path: Path) -> Path:
     return path
 
 
-def _legend_label(run: RunRecord, keys: Sequence[str]) -> str:
-    """The overrides that tell this run apart; what it ran when the overrides do not (a single run)."""
-    overrides = run.override_map
-    parts = [f"{k}={overrides[k]}" for k in keys if k in overrides]
-    return " ".join(parts) or " · ".join([_plain(run.method), _plain(run.quant), format_pruning(run.prune)])
-
-
 # ---------------------------------------------------------------- entry points
-
 
 STYLES = ("default", "reference")
 

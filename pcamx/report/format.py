@@ -1,0 +1,66 @@
+"""How numbers appear in every table: values, relative changes, the Quantization label. One place, so the
+printed run table, the sweep table and the reference-style table agree."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pcamx.metrics import METRICS
+
+FOOTPRINT_COLUMNS: tuple[tuple[str, str], ...] = (("params", "Parameters"), ("gflops", "GFLOPs"),
+                                                  ("memory_mb", "Memory (MB)"))
+# (metrics.json key, header) of every value column, in table order: footprint, then the metric registry.
+VALUE_COLUMNS: tuple[tuple[str, str], ...] = (*FOOTPRINT_COLUMNS, *((m.name, m.header) for m in METRICS))
+_DIGITS = {m.name: m.digits for m in METRICS}
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def format_value(key: str, value: Any) -> str:
+    """21.60M parameters, 8.67 GFLOPs, 86.5 MB, metrics to their registered digits (0.9800); two significant
+    digits for the tiny test model's 0.0012 GFLOPs; "—" when there is no number."""
+    if not is_number(value):
+        return "—"
+    if key == "params":
+        return f"{value / 1e6:.2f}M"
+    if key in ("gflops", "memory_mb"):
+        if value != 0 and abs(value) < 0.1:
+            return f"{value:.2g}"
+        return f"{value:.2f}" if key == "gflops" else f"{value:.1f}"
+    if key in _DIGITS:
+        return f"{value:.{_DIGITS[key]}f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def percent_change(value: Any, reference: Any) -> float | None:
+    """100 · (value − reference) / |reference|; None when either is missing or the reference is 0."""
+    if not (is_number(value) and is_number(reference)) or reference == 0:
+        return None
+    return 100.0 * (value - reference) / abs(reference)
+
+
+def format_change(pct: float | None) -> str:
+    """` (↓7.0%)`; "" when there is no change to show or it rounds to 0.0%. The arrow is the direction
+    only, not whether it is better (↓ is good for ECE, bad for AUROC)."""
+    if pct is None or round(pct, 1) == 0:
+        return ""
+    return f" ({'↑' if pct > 0 else '↓'}{abs(pct):.1f}%)"
+
+
+def format_cell(key: str, value: Any, pct: float | None = None) -> str:
+    text = format_value(key, value)
+    return text + format_change(pct) if text != "—" else text
+
+
+def quantization_label(quant: str | None, eval_precision: str | None) -> str:
+    """`none (f32)`, `none (bf16 autocast)`, `bf16`, `int8 (dynamic)`, … as in the reference table."""
+    if quant is None:
+        return "—"
+    if quant == "none":
+        return "none (f32)" if eval_precision in (None, "fp32") else f"none ({eval_precision.replace('-', ' ')})"
+    if eval_precision and eval_precision.startswith(f"{quant}-"):
+        return f"{quant} ({eval_precision.removeprefix(quant + '-')})"
+    return quant

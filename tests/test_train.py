@@ -1,0 +1,78 @@
+"""The training schedule and loss against closed forms, and the learning rate a real run uses at every step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_config, fast_overrides
+from pcamx import pipeline, train
+from pcamx.losses import distillation_loss, smoothed_ce_from_probs
+from pcamx.optim import warmup_cosine
+
+
+def closed_form(step: int, warmup: int, total: int, zero_start: bool = False) -> float:
+    if step < warmup:
+        return (step if zero_start else step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, 0.1),            # the first warmup step already trains: 1/10
+    (4, 0.5),
+    (9, 1.0),            # the last warmup step reaches the peak
+    (10, 1.0),           # the cosine starts at its top
+    (60, 0.5),           # half way through the cosine
+    (109, 0.5 * (1 + math.cos(math.pi * 99 / 100))),  # the last step: almost 0, not 10 % of the peak
+    (110, 0.0),
+    (200, 0.0),          # past the end it stays at 0
+])
+def test_warmup_cosine_at_its_edges(step: int, expected: float) -> None:
+    assert warmup_cosine(step, 10, 110) == pytest.approx(expected, abs=1e-12)
+
+
+def test_zero_start_warmup_begins_at_zero() -> None:
+    assert [warmup_cosine(s, 4, 20, zero_start=True) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_short_run_uses_the_scheduled_learning_rate_at_every_step(small_pcam: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    used: list[list[float]] = []
+    real_step = train.train_step
+
+    def recording(forward, optimizer, *args, **kwargs):
+        used.append([group["lr"] for group in optimizer.param_groups])
+        return real_step(forward, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    cfg = compose_config(*fast_overrides(small_pcam, "method=fullft", "train.epochs=3", "train.warmup_steps=3",
+                                         "train.lr=0.01", "method.lr_head=0.02", "eval.measure_speed=false"))
+    pipeline.run(cfg, run_dir=tmp_path)
+    total = 3 * 4  # epochs × debug's 4 steps per epoch
+    assert len(used) == total
+    for step, lrs in enumerate(used):
+        scale = closed_form(step, 3, total)
+        assert sorted(set(lrs)) == pytest.approx(sorted({0.01 * scale, 0.02 * scale}), abs=1e-15), step
+
+
+def test_validation_loss_is_the_label_smoothed_cross_entropy() -> None:
+    labels = np.array([0, 1, 1])
+    probs = np.array([0.2, 0.7, 0.4])
+    logits = torch.log(torch.tensor([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64))
+    for smoothing in (0.0, 0.05, 0.3):
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), label_smoothing=smoothing)
+        assert smoothed_ce_from_probs(labels, probs, smoothing) == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_distillation_term_is_t_squared_kl_of_the_softened_distributions() -> None:
+    student = torch.tensor([[2.0, -1.0], [0.5, 0.3]], dtype=torch.float64)
+    teacher = torch.tensor([[1.0, 0.0], [-0.2, 0.9]], dtype=torch.float64)
+    t = 2.5
+    p_t, p_s = torch.softmax(teacher / t, -1), torch.softmax(student / t, -1)
+    by_hand = (p_t * (p_t.log() - p_s.log())).sum(-1).mean() * t * t  # KL(teacher ‖ student), batch mean
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(by_hand.item(), rel=1e-12)
+    assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-15)
