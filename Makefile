@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow lint bench gpu-check gpu-wheels clean
+.PHONY: demo test test-slow lint bench mutation gpu-check gpu-wheels clean
 
 demo: $(VENV)/.installed
 	$(BIN)/python run.py experiment=demo
@@ -20,6 +20,14 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m pcamx.bench
+
+# Planted bugs, automatically: mutmut over the modules users trust for arithmetic ([tool.mutmut] in
+# pyproject.toml), then the score per module. Not in CI (about half an hour on 2 cores); see docs/testing.md.
+mutation: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children 2 > mutants.log 2>&1 \
+		|| { tail -c 2000 mutants.log; exit 1; }
+	$(BIN)/python scripts/mutation_score.py --survivors
 
 # On a GPU machine (its own python3 has torch; the rest comes from .whl): make gpu-check [GPU_CHECK_ARGS=--quick]
 gpu-check:
@@ -48,4 +56,4 @@ $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.installed
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun mutants mutants.log

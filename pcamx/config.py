@@ -83,6 +83,11 @@ class Precision(StrEnum):
     bf16 = "bf16"
 
 
+class Calibration(StrEnum):
+    none = "none"
+    temperature = "temperature"
+
+
 @dataclass
 class JitterConfig:
     brightness: float = MISSING
@@ -213,6 +218,13 @@ class EvalConfig:
     measure_speed: bool = MISSING
     speed_warmup: int = MISSING
     speed_iters: int = MISSING
+    bootstrap: int = MISSING
+    calibrate: Calibration = MISSING
+
+
+@dataclass
+class ReportConfig:
+    ci: bool = MISSING
 
 
 @dataclass
@@ -246,6 +258,7 @@ class PcamxConfig:
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
     heal: HealConfig = MISSING
+    report: ReportConfig = MISSING
     wandb: WandbConfig = MISSING
 
 

@@ -1,4 +1,4 @@
-"""One run, top to bottom: prepare → model → train → compress (+ heal) → quantize → evaluate → report.
+"""One run, top to bottom: prepare → model → train → compress (+ heal) → quantize → evaluate → calibrate → report.
 
 Each stage is a function that reads its own config node and returns its part of metrics.json; `_run` is
 the list of stages. `run` owns the run directory and turns failures and interrupts into metrics.json.
@@ -35,13 +35,14 @@ from pcamx.heal import heal
 from pcamx.interrupts import RunInterrupted
 from pcamx.locks import RunDirBusy, claim_run_dir
 from pcamx.methods import apply_method
-from pcamx.metrics import METRIC_NAMES, METRICS
+from pcamx.metrics import METRIC_NAMES, METRICS, binary_metrics
 from pcamx.model import build_model
 from pcamx.quant import check_quantization, eval_precision_label, quantize
-from pcamx.report.format import format_value, percent_change
-from pcamx.report.run_files import plot_roc, write_predictions
+from pcamx.report.format import format_interval, format_value, percent_change
+from pcamx.report.run_files import plot_reliability, plot_roc, write_predictions
 from pcamx.tracking import Tracker
 from pcamx.train import Session, train
+from pcamx.uncertainty import apply_temperature, confidence_intervals, fit_temperature, paired_comparison
 
 log = logging.getLogger("pcamx")
 
@@ -125,9 +126,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     compressed = compress_stage(run, model, reference, origin, trained["train_steps"])
     model, figures = quantize_stage(run, model)
     labels, probs, evaluated = evaluate_stage(run, model, reference, figures)
-    metrics = {"status": "ok", **evaluated, **describe(run, origin, len(labels)), **trained, **compressed,
-               "total_seconds": round(time.time() - started, 2), "run_dir": str(run_dir)}
-    report_stage(run, labels, probs, metrics)
+    calibrated, calibration = calibrate_stage(run, model, labels, probs)
+    metrics = {"status": "ok", **evaluated, **calibration, **describe(run, origin, len(labels)), **trained,
+               **compressed, "total_seconds": round(time.time() - started, 2), "run_dir": str(run_dir)}
+    report_stage(run, labels, probs, calibrated, metrics)
     return metrics
 
 
@@ -202,25 +204,55 @@ def quantize_stage(run: Run, model: torch.nn.Module) -> tuple[torch.nn.Module, d
     return model, {**figures, "memory_mb": round(memory_mb(model), 4)}
 
 
+def test_precision(cfg: DictConfig) -> str:
+    """An unquantized model runs at eval.precision; a quantized one in its own dtype (no autocast on top), so
+    bf16/int8 rows show what quantization changes."""
+    return "fp32" if cfg.quant.mode != "none" else cfg.eval.precision
+
+
 def evaluate_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module | None,
                    figures: dict[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Test metrics, footprint and speed; for a compressed/quantized model also its uncompressed f32 reference
-    on the same patches and the change against it. An unquantized model runs at eval.precision; a quantized
-    one in its own dtype (no autocast on top), so bf16/int8 rows show what quantization changes."""
+    """Test metrics with their 95% intervals, footprint and speed; for a compressed/quantized model also its
+    uncompressed f32 reference on the same patches, the change against it and the paired comparison."""
     cfg = run.cfg
-    precision = "fp32" if cfg.quant.mode != "none" else cfg.eval.precision
+    precision = test_precision(cfg)
     labels, probs, test = evaluate(model, run.data.test, run.device, run.config, precision)
+    slides, draws = run.data.test.slides, cfg.eval.bootstrap
     out: dict[str, Any] = {**test, **figures, **speed(model, cfg, run.device, precision)}
-    if reference is not None:
-        # Without pruning the reference has exactly the model's figures: no second ptflops count.
-        ref_figures = {**figures, "memory_mb": round(memory_mb(reference), 4)} if cfg.prune.method == "none" \
-            else footprint(reference, cfg.data.resolution)
-        ref = {**evaluate(reference, run.data.test, run.device, run.config, "fp32", desc="test (reference)")[2],
-               **ref_figures, **speed(reference, cfg, run.device, "fp32"), "eval_precision": "fp32"}
-        ref["change_pct"] = {k: round(pct, 3) for k, v in ref.items()
-                             if (pct := percent_change(out.get(k), v)) is not None}
-        out["reference"] = ref
-    return labels, probs, out
+    if reference is None:
+        return labels, probs, out | confidence_intervals(labels, probs, slides, draws, cfg.seed)
+    # Without pruning the reference has exactly the model's figures: no second ptflops count.
+    ref_figures = {**figures, "memory_mb": round(memory_mb(reference), 4)} if cfg.prune.method == "none" \
+        else footprint(reference, cfg.data.resolution)
+    _, ref_probs, ref_test = evaluate(reference, run.data.test, run.device, run.config, "fp32",
+                                      desc="test (reference)")
+    ref = {**ref_test, **ref_figures, **speed(reference, cfg, run.device, "fp32"), "eval_precision": "fp32"}
+    ref["change_pct"] = {k: round(pct, 3) for k, v in ref.items()
+                         if (pct := percent_change(out.get(k), v)) is not None}
+    intervals, ref["paired"] = paired_comparison(labels, probs, ref_probs, slides, draws, cfg.seed)
+    return labels, probs, out | intervals | {"reference": ref}
+
+
+def calibrate_stage(run: Run, model: torch.nn.Module, labels: np.ndarray,
+                    probs: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """eval.calibrate=temperature: one temperature fitted on the validation split (never on test), with the
+    test views and precision; the test ECE/NLL/Brier before and after. Returns (calibrated test probs, its
+    part of metrics.json)."""
+    cfg = run.cfg
+    if cfg.eval.calibrate == "none":
+        return None, {}
+    val_labels, val_probs, _ = evaluate(model, run.data.valid, run.device, run.config, test_precision(cfg),
+                                        desc="valid (calibration)")
+    temperature = fit_temperature(val_labels, val_probs)
+    calibrated = apply_temperature(probs, temperature)
+    keys = ("ece", "nll", "brier")
+    before, after = binary_metrics(labels, probs), binary_metrics(labels, calibrated)
+    log.info("temperature %.4f (fitted on %d validation patches): test ECE %.4f → %.4f", temperature,
+             len(val_labels), before["ece"], after["ece"])
+    return calibrated, {"calibration": {
+        "method": "temperature", "temperature": round(temperature, 6), "fitted_on": "valid",
+        "n_fit": int(len(val_labels)), "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+    }}
 
 
 def describe(run: Run, origin: Origin, n_test: int) -> dict[str, Any]:
@@ -234,15 +266,21 @@ def describe(run: Run, origin: Origin, n_test: int) -> dict[str, Any]:
             "device": str(run.device), "checkpoint": origin.checkpoint}
 
 
-def report_stage(run: Run, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, Any]) -> None:
-    """predictions.csv, roc.png, metrics.json, W&B; then the resumable state is no longer needed."""
+def report_stage(run: Run, labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray | None,
+                 metrics: dict[str, Any]) -> None:
+    """predictions.csv, roc.png, calibration.png, metrics.json, W&B; then the resumable state is no longer
+    needed."""
     source, method = run.data.source, metrics["method"]
     title = f"{method} on {source}" + (" (synthetic stand-in, not PCam)" if source != "pcam" else "")
-    write_predictions(run.run_dir / "predictions.csv", labels, probs)
+    write_predictions(run.run_dir / "predictions.csv", labels, probs, calibrated)
     roc = plot_roc(run.run_dir / "roc.png", labels, probs, title)
+    reliability = plot_reliability(run.run_dir / "calibration.png", [(method, labels, probs)] + (
+        [(f"{method}, T={metrics['calibration']['temperature']:.3g}", labels, calibrated)]
+        if calibrated is not None else []), title)
     io.write_json(run.run_dir / "metrics.json", metrics)
     run.tracker.summary({f"test/{k}": metrics[k] for k in METRIC_NAMES} | {"data": source})
     run.tracker.log_image("test/roc", roc)
+    run.tracker.log_image("test/calibration", reliability)
     run.tracker.finish()
     (run.run_dir / RESUME_FILE).unlink(missing_ok=True)
     print(f"\n{title} — results in {run.run_dir}\n{format_table(metrics)}")
@@ -383,12 +421,20 @@ def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precisi
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The table a run prints at its end: every metric of the registry, then footprint, speed and how it
-    was measured."""
-    rows = ["| metric | value |", "| --- | --- |"]
-    rows += [f"| {m.header} | {format_value(m.name, metrics.get(m.name))} |" for m in METRICS]
+    """The table a run prints at its end: every metric of the registry with its 95% interval, then footprint,
+    speed and how it was measured."""
+    ci = metrics.get("ci95") or {}
+    how = {"slide": f"slides resampled ({metrics.get('ci_slides')} slides)", "patch": "patches resampled"}
+    rows = [f"| metric | value | 95% interval ({how.get(metrics.get('ci_method'), 'none')}) |", "| --- | --- | --- |"]
+    rows += [f"| {m.header} | {format_value(m.name, metrics.get(m.name))} | {format_interval(m.name, ci.get(m.name))} |"
+             for m in METRICS]
     for key in ("params", "gflops", "memory_mb", "latency_ms_b1", "throughput_ips", "n_test", "tta_views",
                 "resolution", "train_precision", "eval_precision", "data"):
         value = metrics.get(key)
-        rows.append(f"| {key} | {format_value(key, value) if key in ('params', 'gflops', 'memory_mb') else value} |")
+        shown = format_value(key, value) if key in ("params", "gflops", "memory_mb") else value
+        rows.append(f"| {key} | {shown} | |")
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        rows.append(f"| temperature (fitted on valid) | {c['temperature']:.4g} | ECE {c['before']['ece']:.4f} → "
+                    f"{c['after']['ece']:.4f}, NLL {c['before']['nll']:.4f} → {c['after']['nll']:.4f} |")
     return "\n".join(rows)

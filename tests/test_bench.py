@@ -99,7 +99,7 @@ def test_compress_and_load(bench):
 def test_targets_reported(bench):
     names = {t["name"]: t for t in bench["targets"]}
     assert set(names) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training",
-                          "host_vs_training", "gpu_training_mfu"}
+                          "host_vs_training", "gpu_training_mfu", "uncertainty_budget"}
     train = bench["sections"]["train"]
     fastest = max(train[m][k]["images_per_s"] for m in ("head_only", "lora", "fullft")
                   for k in ("pcamx_eager", "pcamx_compiled") if "images_per_s" in train[m][k])
@@ -110,3 +110,6 @@ def test_targets_reported(bench):
         assert target["status"] in ("met", "not met") or target["status"].startswith("n/a")
     assert names["gpu_eval_tta"]["status"].startswith("n/a")  # CPU run
     assert names["host_side"]["value"] is not None
+    unc = bench["sections"]["uncertainty"]  # the budget over the seconds of the heaviest case, one thread
+    assert unc["threads"] == 1 and unc["draws"] > 0
+    assert names["uncertainty_budget"]["value"] == pytest.approx(unc["budget_s"] / unc["paired_slide_s"])

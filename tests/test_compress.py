@@ -25,6 +25,7 @@ from pcamx.compress import (
     truncated_svd,
     validate_tau,
 )
+from pcamx.compress.energy import kept_fraction
 from pcamx.compress.heads import head_energies
 from pcamx.compress.mlp import neuron_energies
 from pcamx.footprint import count_params as count_parameters
@@ -89,6 +90,8 @@ def expected_params(base: int, heads_kept: list[int], widths: list[int]) -> int:
         ([0, 0, 0], 0.5, [0]),
         ([0, 0, 0], 1.0, [0, 1, 2]),  # τ = 1 keeps everything, even zero-energy units
         ([5, 0, 0], 1.0, [0, 1, 2]),
+        ([7], 0.5, [0]),  # a layer of one unit keeps it
+        ([0.25, 0.25, 0.25, 0.25], 0.5, [0, 1]),  # total exactly 1: only an all-zero total keeps one unit
     ],
 )
 def test_keep_by_energy(energies, tau, kept):
@@ -160,6 +163,9 @@ def test_head_pruning_keeps_exactly_the_expected_heads(energies, tau, kept):
     assert [row["kept"] for row in report] == [kept] * LAYERS
     assert [(row["before"], row["after"]) for row in report] == [(HEADS, len(kept))] * LAYERS
     assert report[0]["layer"] == "backbone.model.layer.0.attention"
+    # The report's kept energy, from the hand-set energies.
+    assert [row["kept_energy"] for row in report] == pytest.approx(
+        [sum(energies[i] for i in kept) / sum(energies)] * LAYERS, abs=1e-6)
     for layer in layers(model):
         assert layer.attention.num_heads == len(kept)
         assert layer.attention.o_proj.in_features == len(kept) * HEAD_DIM
@@ -228,6 +234,9 @@ def test_mlp_pruning_keeps_exactly_the_expected_neurons(tau, kept):
     report = prune_mlp_neurons(model, tau)
 
     assert [(row["before"], row["after"]) for row in report] == [(WIDTH, len(kept))] * LAYERS
+    assert [row["kept_energy"] for row in report] == pytest.approx(
+        [sum(energies[i] for i in kept) / sum(energies)] * LAYERS, abs=1e-6)
+    assert report[1]["layer"] == "backbone.model.layer.1.mlp"
     assert all(layer.mlp.intermediate_size == len(kept) for layer in layers(model))
     assert count_parameters(model) == expected_params(base, [HEADS] * LAYERS, [len(kept)] * LAYERS)
     torch.testing.assert_close(logits(model), logits(reference), atol=ATOL, rtol=0)
@@ -279,6 +288,11 @@ def test_svd_finds_the_exact_rank_and_factorizes(tau, rank):
     report = truncated_svd(model, tau, targets=("q_proj",))
 
     assert [(row["rank_for_tau"], row["replaced"]) for row in report] == [(rank, True)] * LAYERS
+    energies = [v * v for v in sigma]
+    assert report[1] == {"layer": "backbone.model.layer.1.attention.q_proj", "before": HIDDEN, "after": rank,
+                         "rank_for_tau": rank, "replaced": True, "weight_params_before": HIDDEN * HIDDEN,
+                         "weight_params_after": rank * 2 * HIDDEN,
+                         "kept_energy": pytest.approx(sum(energies[:rank]) / sum(energies), abs=1e-9)}
     q_proj = layers(model)[0].attention.q_proj
     assert isinstance(q_proj, LowRankLinear) and q_proj.rank == rank
     assert (q_proj.in_features, q_proj.out_features) == (HIDDEN, HIDDEN)
@@ -304,6 +318,11 @@ def test_svd_skips_layers_where_factorizing_would_not_save_parameters():
     report = truncated_svd(model, 0.6, targets="v_proj")
 
     assert [(row["rank_for_tau"], row["replaced"]) for row in report] == [(20, False)] * LAYERS
+    # Left dense: the report says so (full rank, dense weights, all of the energy).
+    assert {k: report[0][k] for k in ("before", "after", "weight_params_before", "weight_params_after",
+                                      "kept_energy")} == {"before": HIDDEN, "after": HIDDEN,
+                                                          "weight_params_before": HIDDEN * HIDDEN,
+                                                          "weight_params_after": HIDDEN * HIDDEN, "kept_energy": 1.0}
     assert all(type(layer.attention.v_proj) is nn.Linear for layer in layers(model))
     torch.testing.assert_close(logits(model), before, atol=ATOL, rtol=0)
 
@@ -349,6 +368,11 @@ def test_per_method_tau_overrides_the_common_one():
     assert all(row["after"] == row["before"] for row in report["heads"])
     assert all(row["after"] < row["before"] for row in report["mlp"])
     assert compress(make_model(), "none", None) == {}
+    # tau_heads overrides tau for the heads alone; svd_targets limits what SVD factorizes.
+    report = compress(make_model(), "all", tau=1.0, tau_heads=0.5, svd_targets=("q_proj",))
+    assert all(row["after"] < row["before"] for row in report["heads"])
+    assert all(row["after"] == row["before"] for row in report["mlp"])
+    assert {row["layer"].rsplit(".", 1)[1] for row in report["svd"]} == {"q_proj"}
 
 
 def test_chain_save_and_load_rebuild_the_exact_model(tmp_path):
@@ -469,3 +493,11 @@ def test_svd_break_even_is_not_a_saving(nonzero: int, replaced: bool):
     report = truncated_svd(model, 0.999, targets=("q_proj",))  # all the energy lies in `nonzero` directions
     assert [(row["rank_for_tau"], row["replaced"]) for row in report] == [(nonzero, replaced)] * LAYERS
     assert isinstance(layers(model)[0].attention.q_proj, LowRankLinear) is replaced
+
+
+def test_kept_fraction_is_the_kept_share_of_the_energy():
+    energies = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert kept_fraction(energies, torch.tensor([0, 2])) == pytest.approx(0.6, abs=1e-15)
+    assert kept_fraction(energies, torch.arange(4)) == 1.0
+    assert kept_fraction(torch.zeros(3), torch.tensor([1])) == 1.0  # nothing to lose
+    assert kept_fraction(torch.tensor([1e-30, 3e-30]), torch.tensor([1])) == pytest.approx(0.75)

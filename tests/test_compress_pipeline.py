@@ -13,6 +13,7 @@ from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
 from pcamx.checkpoint import CheckpointError
 from pcamx.compress.chain import plan
+from pcamx.metrics import METRIC_NAMES
 
 
 @pytest.mark.parametrize("override", ["prune.tau=1.5", "prune.tau=0", "prune.tau_mlp=-0.2"])
@@ -53,6 +54,17 @@ def test_compressed_run_reports_reference_and_changes(compressed_run: Path) -> N
     for key in ("latency_ms_b1", "throughput_ips", "auroc"):
         assert key in m and key in ref
     assert (compressed_run / "compressed" / "architecture.json").is_file()
+
+
+def test_compressed_run_is_compared_with_its_reference_on_the_same_patches(compressed_run: Path) -> None:
+    m = json.loads((compressed_run / "metrics.json").read_text())
+    paired = m["reference"]["paired"]
+    assert set(paired) == set(METRIC_NAMES) and 0 <= paired["auroc"]["p_delong"] <= 1
+    for key in METRIC_NAMES:
+        assert paired[key]["diff"] == pytest.approx(m[key] - m["reference"][key], abs=1e-12), key
+        lo, hi = paired[key]["ci95"]
+        assert lo <= paired[key]["diff"] <= hi, key
+    assert set(m["ci95"]) == set(METRIC_NAMES) and m["ci_method"] == "slide"
 
 
 def test_checkpoint_rebuilds_compressed_model_exactly(compressed_run: Path, small_pcam: Path, tmp_path: Path) -> None:

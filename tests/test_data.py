@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
+import warnings
 from pathlib import Path
 
 import h5py
@@ -12,9 +14,9 @@ import torch
 
 from conftest import SMALL_SIZES
 from pcamx.data import pcam
-from pcamx.data.layout import all_file_names, file_name
+from pcamx.data.layout import META_COLUMNS, all_file_names, file_name, meta_file_name
 from pcamx.data.pcam import PCamDataError, PCamSplit
-from pcamx.data.synthetic import MARKER, generate_split, is_synthetic, write_synthetic
+from pcamx.data.synthetic import MARKER, PATCHES_PER_SLIDE, generate_split, is_synthetic, write_synthetic
 
 
 def copy_root(src: Path, dst: Path) -> Path:
@@ -23,8 +25,15 @@ def copy_root(src: Path, dst: Path) -> Path:
 
 
 def test_synthetic_files_have_the_official_layout(small_pcam: Path) -> None:
-    assert sorted(p.name for p in small_pcam.glob("*.h5")) == sorted(all_file_names())
+    assert sorted(p.name for p in small_pcam.glob("*.[hc][5s]*")) == sorted(all_file_names())
     for split, n in SMALL_SIZES.items():
+        with open(small_pcam / meta_file_name(split), newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == list(META_COLUMNS) and len(rows) == n
+        labels = PCamSplit.load(small_pcam, split).labels.tolist()
+        assert [r["tumor_patch"] == "True" for r in rows] == [bool(v) for v in labels]
+        # Consecutive runs of patches share a stand-in slide.
+        assert [r["wsi"] for r in rows] == [f"synthetic_{split}_{i // PATCHES_PER_SLIDE:04d}" for i in range(n)]
         with h5py.File(small_pcam / file_name(split, "x")) as f:
             assert list(f.keys()) == ["x"]
             assert f["x"].shape == (n, 96, 96, 3) and f["x"].dtype == np.uint8
@@ -125,6 +134,20 @@ def test_limit_larger_than_split_warns_and_clamps(small_pcam: Path) -> None:
         split = PCamSplit.load(small_pcam, "valid", limit=10_000)
     assert len(split) == 128
     assert len(PCamSplit.load(small_pcam, "valid", limit=50)) == 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a limit of exactly the split's size is not "larger"
+        assert len(PCamSplit.load(small_pcam, "valid", limit=128)) == 128
+
+
+@pytest.mark.parametrize("bad", [2, 255])
+def test_a_label_other_than_0_or_1_is_named(small_pcam: Path, tmp_path: Path, bad: int) -> None:
+    root = copy_root(small_pcam, tmp_path / "pcam")
+    labels = np.zeros((128, 1, 1, 1), dtype=np.uint8)
+    labels[7] = bad
+    with h5py.File(root / file_name("valid", "y"), "w") as f:
+        f.create_dataset("y", data=labels)
+    with pytest.raises(PCamDataError, match=f"labels must be 0 or 1, found {bad}"):
+        PCamSplit.load(root, "valid")
 
 
 def test_write_synthetic_replaces_atomically(tmp_path: Path) -> None:
@@ -139,7 +162,7 @@ def test_synthetic_cli_writes_the_official_layout(tmp_path: Path, capsys) -> Non
 
     main(["--root", str(tmp_path / "syn"), "--n-train", "16", "--n-valid", "8", "--n-test", "8", "--seed", "2"])
     assert "not PCam data" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "syn").glob("*.h5")) == sorted(all_file_names())
+    assert sorted(p.name for p in (tmp_path / "syn").glob("*.[hc][5s]*")) == sorted(all_file_names())
     assert len(PCamSplit.load(tmp_path / "syn", "train")) == 16 and is_synthetic(tmp_path / "syn")
 
 
@@ -157,3 +180,43 @@ def test_shuffle_order_depends_on_the_generator_only(small_pcam: Path, monkeypat
 
     assert torch.equal(order(5, global_seed=1), order(5, global_seed=2))
     assert not torch.equal(order(5, global_seed=1), order(6, global_seed=1))
+
+
+def test_slides_come_from_the_metadata_csv_and_follow_the_limit(small_pcam: Path, tmp_path: Path) -> None:
+    root = copy_root(small_pcam, tmp_path / "pcam")
+    meta = root / meta_file_name("test")
+    lines = meta.read_text().splitlines()
+    # Hand-written slide ids, so the test does not depend on how the generator names them.
+    meta.write_text("\n".join([lines[0]] + [",".join(line.split(",")[:4] + [f"slide{i % 3}"])
+                                            for i, line in enumerate(lines[1:])]) + "\n")
+    assert PCamSplit.load(root, "test", limit=5).slides.tolist() == ["slide0", "slide1", "slide2", "slide0", "slide1"]
+    meta.unlink()
+    assert PCamSplit.load(root, "test").slides is None  # no metadata: patch resampling
+
+
+def test_a_metadata_csv_without_slides_or_too_short_is_named(small_pcam: Path, tmp_path: Path) -> None:
+    root = copy_root(small_pcam, tmp_path / "pcam")
+    meta = root / meta_file_name("test")
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join(lines[:3]) + "\n")
+    with pytest.raises(PCamDataError, match=f"{meta.name} has 2 rows"):
+        _ = PCamSplit.load(root, "test").slides
+    meta.write_text("a,b\n1,2\n")
+    with pytest.raises(PCamDataError, match="no 'wsi' column"):
+        _ = PCamSplit.load(root, "test").slides
+
+
+def test_streaming_verify_reads_every_image_once_in_slabs(small_pcam: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pcam, "SLAB_ROWS", 48)
+    reads: list[tuple[int, int, int]] = []
+    original = pcam.SplitFiles.read_images
+
+    def recording(self, start, stop, out=None):
+        result = original(self, start, stop, out)
+        reads.append((start, stop, len(result)))
+        return result
+
+    monkeypatch.setattr(pcam.SplitFiles, "read_images", recording)
+    split = PCamSplit.load(small_pcam, "valid", limit=100, in_memory=False, verify=True)
+    assert reads == [(0, 48, 48), (48, 96, 48), (96, 100, 4)]  # the limit's 100 rows, each once
+    assert split.images is None

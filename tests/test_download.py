@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 
 from pcamx.data import download
-from pcamx.data.download import SUMS_FILE, ChecksumError, DownloadError, download_pcam, main, verify_pcam
-from pcamx.data.layout import all_file_names, file_name
+from pcamx.data.download import (
+    SUMS_FILE,
+    ChecksumError,
+    DownloadError,
+    download_pcam,
+    main,
+    served_name,
+    verify_pcam,
+)
+from pcamx.data.layout import all_file_names, file_name, meta_file_name, split_file_names
 
 NAMES = all_file_names()
 
@@ -31,7 +39,7 @@ class FakeZenodo:
     """What the local server serves, and what it saw."""
 
     payloads: dict[str, bytes]  # the `.h5` contents, by `.h5` name
-    archives: dict[str, bytes]  # the served `.h5.gz` bytes, by `.h5.gz` name
+    archives: dict[str, bytes]  # the served bytes by served name: `.h5.gz` archives, `.csv` files as they are
     base_url: str = ""
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (file, Range header)
     bytes_sent: int = 0
@@ -90,7 +98,8 @@ def server() -> Iterator[FakeZenodo]:
     rng = random.Random(0)
     # Random bytes make every archive distinct, so a mix-up between files cannot pass unnoticed.
     payloads = {name: rng.randbytes(rng.randrange(40_000, 80_000)) for name in NAMES}
-    archives = {f"{name}.gz": gzip.compress(data, mtime=0) for name, data in payloads.items()}
+    archives = {served_name(name): gzip.compress(data, mtime=0) if name.endswith(".h5") else data
+                for name, data in payloads.items()}
     state = FakeZenodo(payloads=payloads, archives=archives)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     httpd.daemon_threads = True
@@ -263,7 +272,7 @@ def test_cli_downloads_the_requested_splits(
     monkeypatch.setattr(download, "PCAM_MD5", server.md5s)
     root = tmp_path / "data" / "pcam"
     main(["--root", str(root), "--base-url", server.base_url, "--splits", "valid", "test"])
-    expected = [file_name(s, k) for s in ("valid", "test") for k in ("x", "y")]
+    expected = [name for s in ("valid", "test") for name in split_file_names(s)]
     for name in expected:
         assert (root / name).read_bytes() == server.payloads[name]
     _assert_clean(root, expected)
@@ -287,6 +296,22 @@ def test_module_entry_point_runs() -> None:
 
 
 def test_published_md5_table_covers_every_file() -> None:
-    assert set(download.PCAM_MD5) == {f"{name}.gz" for name in NAMES}
+    assert set(download.PCAM_MD5) == {served_name(name) for name in NAMES}
     assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in download.PCAM_MD5.values())
     assert len(set(download.PCAM_MD5.values())) == len(download.PCAM_MD5)  # no value pasted twice
+
+
+def test_a_metadata_csv_is_served_as_is_verified_and_recorded(server: FakeZenodo, tmp_path: Path) -> None:
+    name = meta_file_name("test")
+    assert served_name(name) == name  # no archive to unpack
+    download_pcam(tmp_path, base_url=server.base_url, files=[name], md5s=server.md5s, progress=False)
+    assert (tmp_path / name).read_bytes() == server.payloads[name]
+    _assert_clean(tmp_path, [name])
+    assert verify_pcam(tmp_path, files=[name], progress=False) == {name: "ok"}
+
+
+def test_a_metadata_csv_with_a_wrong_md5_leaves_nothing(server: FakeZenodo, tmp_path: Path) -> None:
+    name = meta_file_name("valid")
+    with pytest.raises(ChecksumError, match=name):
+        download_pcam(tmp_path, base_url=server.base_url, files=[name], md5s={name: "0" * 32}, progress=False)
+    assert os.listdir(tmp_path) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -13,12 +14,15 @@ from sklearn.metrics import roc_auc_score
 from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
 from pcamx.data.pcam import PCamSplit
+from pcamx.data.synthetic import PATCHES_PER_SLIDE
 from pcamx.evaluate import predict
 from pcamx.metrics import binary_metrics
 from pcamx.model import PCamClassifier, build_model
+from pcamx.uncertainty import apply_temperature, fit_temperature
 
 METRIC_KEYS = {"auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll"}
-RUN_FILES = {"metrics.json", "predictions.csv", "roc.png", "best.pt", "last.pt", "resolved_config.yaml"}
+RUN_FILES = {"metrics.json", "predictions.csv", "roc.png", "calibration.png", "best.pt", "last.pt",
+             "resolved_config.yaml"}
 
 
 @pytest.mark.parametrize("method", ["head_only", "lora", "fullft"])
@@ -89,6 +93,45 @@ def test_demo_writes_every_file_and_names_its_data(demo_run: Path) -> None:
     metrics = json.loads((demo_run / "metrics.json").read_text())
     assert metrics["data"] == "synthetic" and metrics["model"] == "dinov3_tiny"
     assert (demo_run / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_metrics_carry_slide_bootstrap_intervals(demo_run: Path, capsys) -> None:
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    assert metrics["ci_method"] == "slide" and metrics["bootstrap"] == 1000
+    # The synthetic test split's metadata CSV puts consecutive runs of patches on one stand-in slide.
+    assert metrics["ci_slides"] == -(-metrics["n_test"] // PATCHES_PER_SLIDE)
+    assert set(metrics["ci95"]) == METRIC_KEYS
+    for key in METRIC_KEYS:
+        lo, hi = metrics["ci95"][key]
+        assert lo <= metrics[key] <= hi, key
+    # The printed table shows each interval as it is in metrics.json.
+    table = pipeline.format_table(metrics)
+    assert f"[{metrics['ci95']['auroc'][0]:.4f}, {metrics['ci95']['auroc'][1]:.4f}]" in table
+    assert f"slides resampled ({metrics['ci_slides']} slides)" in table
+
+
+def test_temperature_is_fitted_on_validation_and_reported_before_and_after(small_pcam: Path, tmp_path: Path) -> None:
+    cfg = compose_config(*fast_overrides(small_pcam, "eval.calibrate=temperature", "eval.bootstrap=50"))
+    metrics = pipeline.run(cfg, run_dir=tmp_path)
+    calibration = metrics["calibration"]
+    assert calibration["fitted_on"] == "valid" and calibration["n_fit"] == cfg.data.limit_val
+    model = torch.load(tmp_path / "best.pt", weights_only=False)
+    net: PCamClassifier = build_model(cfg.model)
+    net.load_state_dict(model["model"])
+    valid = PCamSplit.load(small_pcam, "valid", limit=cfg.data.limit_val)
+    val_labels, val_probs = predict(net, valid, torch.device("cpu"), 64, cfg.data.resolution,
+                                    views=cfg.eval.tta_views)
+    # The same temperature from the validation predictions, independently of the run: never the test split.
+    assert calibration["temperature"] == pytest.approx(fit_temperature(val_labels, val_probs), rel=1e-4)
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["prob"]) for r in rows])
+    calibrated = np.array([float(r["prob_calibrated"]) for r in rows])
+    np.testing.assert_allclose(calibrated, apply_temperature(probs, calibration["temperature"]), atol=2e-6)
+    for key in ("ece", "nll", "brier"):
+        assert calibration["before"][key] == pytest.approx(metrics[key])
+        assert calibration["after"][key] == pytest.approx(binary_metrics(labels, calibrated)[key], abs=1e-5)
 
 
 def test_demo_training_beats_chance_clearly_but_not_perfectly(demo_run: Path) -> None:

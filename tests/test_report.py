@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,46 @@ def test_jobs_may_leave_failures_to_the_summary_only_when_it_reports_them(overri
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     assert sweep_reports_failures(cfg.hydra) is expected
+
+
+def test_runs_that_differ_only_in_seed_share_a_row_with_mean_sd_and_n(tmp_path: Path) -> None:
+    root = tmp_path / "seeds"
+    aurocs = {1: 0.9512, 2: 0.9540, 3: 0.9601}
+    for job, (seed, auroc) in enumerate(aurocs.items()):
+        make_run(root, str(job), ["method=lora", f"seed={seed}"], metrics("lora", auroc=auroc), seed=seed)
+    make_run(root, "3", ["method=fullft", "seed=1"], metrics("fullft", auroc=0.97))
+    runs, paths = summarize([root], root)
+    header, _, *rows = table_rows(paths["md"].read_text())
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert set(cells) == {"0,1,2", "3"} and header[-1] == "n"
+    lora = cells["0,1,2"]
+    assert lora["seed"] == "1,2,3" and lora["n"] == "3" and cells["3"]["n"] == "1"
+    mean, sd = statistics.mean(aurocs.values()), statistics.stdev(aurocs.values())
+    assert lora["AUROC"] == f"{mean:.4f} ± {sd:.4f}"
+    assert lora["Parameters"] == "21.60M ± 0.00M"
+    assert cells["3"]["AUROC"] == "0.9700"
+    assert len(read_csv(paths["csv"])) == 4  # the CSV keeps every run
+
+
+def test_intervals_and_significant_differences_in_the_tables(tmp_path: Path) -> None:
+    root = tmp_path / "ci"
+    ci95 = {"auroc": [0.9501, 0.9577], "acc": [0.88, 0.92]}
+    paired = {"auroc": {"diff": -0.004, "ci95": [-0.006, -0.002], "p_delong": 0.001},
+              "acc": {"diff": 0.001, "ci95": [-0.002, 0.004]}}
+    make_run(root, "0", ["quant=bf16"], metrics("lora", quant="bf16", auroc=0.9540, ci95=ci95,
+                                                  reference={**REFERENCE, "auroc": 0.958, "paired": paired,
+                                                             "change_pct": {"auroc": -0.42}}))
+    _, paths = summarize([root], root, ci=True)
+    md = paths["md"].read_text()
+    header, _, row = table_rows(md)
+    cells = dict(zip(header, row, strict=True))
+    assert cells["AUROC"] == "0.9540 (↓0.4%)† [0.9501, 0.9577]"  # the paired interval excludes 0
+    assert cells["Acc"] == "0.9000 [0.8800, 0.9200]"  # it does not: no mark
+    assert "† the paired 95% bootstrap interval" in md
+    _, paths = summarize([root], root)  # intervals only where asked
+    assert "[0.9501" not in paths["md"].read_text()
+    row = read_csv(paths["csv"])[0]
+    assert row["auroc.ci95_lo"] == "0.9501" and row["reference.paired.auroc.p_delong"] == "0.001"
+    _, paths = summarize([root], root, style="reference", baseline=root / "0")  # on by default there
+    assert "0.9540† [0.9501, 0.9577]" in paths["md"].read_text()
+    assert paths["calibration"].read_bytes()[:8] == PNG_MAGIC

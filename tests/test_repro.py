@@ -168,6 +168,10 @@ def test_recipe_renders_all_12_row_kinds_with_hand_computed_changes(recipe: Path
                 pct = round(100 * (m[key] - base[key]) / base[key], 1)
                 expected += "" if pct == 0 else f" ({'↑' if pct > 0 else '↓'}{abs(pct):.1f}%)"
                 assert expected.endswith(format_change(percent_change(m[key], base[key])))
+            if key in m.get("ci95", {}):  # a metric: † when the paired interval excludes 0, then its interval
+                lo, hi = (m.get("reference") or {}).get("paired", {}).get(key, {}).get("ci95", [0, 0])
+                expected += "†" if lo > 0 or hi < 0 else ""
+                expected += f" [{format_value(key, m['ci95'][key][0])}, {format_value(key, m['ci95'][key][1])}]"
             assert cell == expected, (kind, key)
     # Compression and bf16 both shrink the model: their changes are really shown.
     assert "↓" in rows[1][4] and "↓" in rows[6][2] and "↓" in rows[6][3]

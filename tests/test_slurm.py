@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import stat
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -167,31 +168,35 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def md_rows(path: Path) -> list[list[str]]:
-    rows = [line for line in path.read_text().splitlines() if re.match(r"^\| \d+ \|", line)]
+    rows = [line for line in path.read_text().splitlines() if re.match(r"^\| \d+(,\d+)* \|", line)]
     return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows]
 
 
 @pytest.fixture(scope="module")
 def local_sweep(small_pcam: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     sweep = tmp_path_factory.mktemp("submitit_local") / "sweep"
-    proc = run_sweep(sweep_command(small_pcam, sweep, "method=head_only,lora", "train.select_metric=auroc,val_loss"))
+    proc = run_sweep(sweep_command(small_pcam, sweep, "method=lora", "seed=1,2,3"))
     return sweep, proc
 
 
 def test_submitit_local_sweep_writes_the_summary(local_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
     sweep, proc = local_sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = read_csv(sweep / "summary.csv")
-    assert [(r["job"], r["status"]) for r in rows] == [(str(i), "ok") for i in range(4)]
-    assert [(r["method"], r["override.train.select_metric"]) for r in rows] == [
-        ("head_only", "auroc"), ("head_only", "val_loss"), ("lora", "auroc"), ("lora", "val_loss")]
+    rows = read_csv(sweep / "summary.csv")  # every run
+    assert [(r["job"], r["status"], r["override.seed"]) for r in rows] == [
+        (str(i), "ok", str(i + 1)) for i in range(3)]
     for row in rows:
         assert Path(row["run_dir"]).parent == sweep and 0.0 <= float(row["auroc"]) <= 1.0
-    assert len(md_rows(sweep / "summary.md")) == 4
+    # The table: the three seeds in one row, mean ± sd over them, n = 3.
+    ((job, seeds, *cells),) = md_rows(sweep / "summary.md")
+    assert (job, seeds, cells[-1]) == ("0,1,2", "1,2,3", "3")
+    aurocs = [float(r["auroc"]) for r in rows]
+    assert f"{statistics.mean(aurocs):.4f} ± {statistics.stdev(aurocs):.4f}" in cells
     assert (sweep / "roc.png").read_bytes().startswith(PNG_MAGIC)
+    assert (sweep / "calibration.png").read_bytes().startswith(PNG_MAGIC)
     # It went through submitit: one process per job, each with its logs and result under .submitit/.
-    assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 4
-    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4
+    assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 3
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3
 
 
 def test_failed_job_is_reported_and_fails_the_command(small_pcam: Path, tmp_path: Path) -> None:

@@ -72,6 +72,11 @@ def evaluate_targets(sections: dict[str, Any], device_type: str) -> list[dict[st
     targets.append(_target("gpu_training_mfu", "GPU: training MFU, bf16 + compile (best method; a fraction of "
                            "peak, attention core not counted)", max(known) if known else None, 0.35, cuda,
                            "GPU target", mfu))
+    seconds = _get(sections, "uncertainty", "paired_slide_s")
+    targets.append(_target("uncertainty_budget", "budget ÷ seconds for every interval and test of a compressed "
+                           "row, 32,768 predictions, 1 core (≥ 1: within the 3 s budget)",
+                           _get(sections, "uncertainty", "budget_s") / seconds if seconds else None, 1.0,
+                           True, ""))
     return targets
 
 
@@ -211,6 +216,15 @@ def _load_md(sec: dict[str, Any]) -> list[str]:
     return out
 
 
+def _uncertainty_md(sec: dict[str, Any]) -> list[str]:
+    rows = [[what, f"{sec[key]:.2f}"] for what, key in (
+        ("95% intervals of all 7 metrics, patches resampled", "patch_intervals_s"),
+        ("the same, slides resampled", "slide_intervals_s"),
+        ("a compressed row: its intervals + paired intervals against its reference + DeLong", "paired_slide_s"))]
+    return [f"{sec['predictions']:,} predictions, {sec['draws']:,} draws, {sec['threads']} thread:", "",
+            *_table(["what", "seconds"], rows)]
+
+
 # Each section: its key in bench.json, its heading, and how its figures become markdown lines.
 SECTION_RENDERERS = [
     ("pipeline", "### 1. Input pipeline (images/s ready on the device)", _pipeline_md),
@@ -219,6 +233,7 @@ SECTION_RENDERERS = [
     ("compress", "### 4. Compressed models (latency at batch 1, throughput at batch N)", _compress_md),
     ("mfu", "### 5. Model FLOPs utilization", _mfu_md),
     ("load", "### data.in_memory load", _load_md),
+    ("uncertainty", "### Confidence intervals and paired tests (one core)", _uncertainty_md),
 ]
 
 

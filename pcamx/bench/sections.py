@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h5py
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -512,6 +513,40 @@ def section_load(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
             "page_cache": "warm (files written just before); a cold read adds the disk's time for file_bytes"}
 
 
+UNCERTAINTY_N = 32_768  # the PCam test split
+UNCERTAINTY_SLIDES = 130  # about as many slides as PCam's test split comes from
+UNCERTAINTY_BUDGET_S = 3.0
+
+
+def section_uncertainty(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
+    """Every interval and test of a compressed row (its own intervals, the paired intervals against its
+    reference, DeLong) on 32,768 predictions, 1,000 draws, on one core. The cost depends on n and the draws,
+    not on the model, so the predictions are drawn, not computed."""
+    from threadpoolctl import threadpool_limits
+
+    from pcamx.uncertainty import confidence_intervals, paired_comparison
+
+    rng = np.random.default_rng(b.s.seed)
+    n, draws = (4096, 200) if b.s.quick else (UNCERTAINTY_N, 1000)
+    y = np.repeat([0, 1], n // 2)
+    logit = rng.standard_normal(n) + 2.5 * y
+    probs = (1 / (1 + np.exp(-logit))).astype(np.float32).astype(np.float64)
+    reference = (1 / (1 + np.exp(-(logit + 0.2 * rng.standard_normal(n))))).astype(np.float32).astype(np.float64)
+    slides = rng.integers(0, UNCERTAINTY_SLIDES, n)
+    timings: dict[str, list[float]] = {"patch_intervals": [], "slide_intervals": [], "paired_slide": []}
+    with threadpool_limits(1):
+        for _ in range(b.s.timing.repeats):
+            for name, call in (("patch_intervals", lambda: confidence_intervals(y, probs, None, draws, 0)),
+                               ("slide_intervals", lambda: confidence_intervals(y, probs, slides, draws, 0)),
+                               ("paired_slide", lambda: paired_comparison(y, probs, reference, slides, draws, 0))):
+                start = time.perf_counter()
+                call()
+                timings[name].append(time.perf_counter() - start)
+    median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
+    return {"predictions": n, "draws": draws, "threads": 1, **{f"{k}_s": v for k, v in median.items()},
+            "repeats_s": timings, "budget_s": UNCERTAINTY_BUDGET_S}
+
+
 SECTIONS: dict[str, Callable[[Bench, dict[str, Any]], dict[str, Any]]] = {
     "pipeline": section_pipeline,
     "eval": section_eval,
@@ -519,4 +554,5 @@ SECTIONS: dict[str, Callable[[Bench, dict[str, Any]], dict[str, Any]]] = {
     "compress": section_compress,
     "mfu": section_mfu,
     "load": section_load,
+    "uncertainty": section_uncertainty,
 }

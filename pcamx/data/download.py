@@ -1,10 +1,12 @@
-"""Fetch the official PCam `.h5.gz` files (Zenodo record 2546921), verify md5 and gunzip them.
+"""Fetch the official PCam files (Zenodo record 2546921): the `.h5.gz` archives, verified by md5 and gunzipped,
+and the per-patch metadata `.csv` files (slide of each patch), verified by md5.
 
 `python -m pcamx.data.download --root data/pcam`
 
 Downloads go to `<name>.h5.gz.part` and resume with an HTTP Range request when re-run; only a file
 whose md5 matches becomes `<name>.h5.gz`, and the `.h5` appears through an atomic rename, so an
-interrupted run never leaves a half-written file under a final name. The sha256 of every extracted `.h5`
+interrupted run never leaves a half-written file under a final name (a `.csv` is served uncompressed and is
+renamed into place once its md5 matches). The sha256 of every extracted `.h5` and `.csv`
 is recorded in `<root>/SHA256SUMS` (the `sha256sum` format); `--verify` re-checks the files against it.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pcamx import io
-from pcamx.data.layout import SPLITS, X_KEY, Y_KEY, all_file_names, file_name
+from pcamx.data.layout import SPLITS, all_file_names, split_file_names
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 
@@ -41,6 +43,10 @@ PCAM_MD5: dict[str, str] = {
     "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
     "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
     "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
+    # The metadata files are served as they are (no archive): md5 of the .csv itself.
+    "camelyonpatch_level_2_split_train_meta.csv": "5a3dd671e465cfd74b5b822125e65b0a",
+    "camelyonpatch_level_2_split_valid_meta.csv": "67589e00a4a37ec317f2d1932c7502ca",
+    "camelyonpatch_level_2_split_test_meta.csv": "3455fd69135b66734e1008f3af684566",
 }
 
 SUMS_FILE = "SHA256SUMS"
@@ -65,16 +71,17 @@ def download_pcam(
     progress: bool = True,
     keep_gz: bool = False,
 ) -> list[Path]:
-    """Make `root/<name>` exist for each `.h5` name in `files` (default: all six); returns those paths.
+    """Make `root/<name>` exist for each `.h5` or `.csv` name in `files` (default: all nine); returns those paths.
 
-    `md5s` maps `<name>.gz` to its md5 (default `PCAM_MD5`). Raises `DownloadError` on network or
+    `md5s` maps each served file (`<name>.gz` for an `.h5`, the `.csv` itself) to its md5 (default
+    `PCAM_MD5`). Raises `DownloadError` on network or
     extraction failure and `ChecksumError` when an archive does not match.
     """
     root = Path(root)
     names = list(all_file_names() if files is None else files)
     # Read the module table at call time so a test can swap it for its own served files.
     md5s = PCAM_MD5 if md5s is None else md5s
-    missing = [f"{n}.gz" for n in names if f"{n}.gz" not in md5s]
+    missing = [served_name(n) for n in names if served_name(n) not in md5s]
     if missing:
         # Refuse before downloading gigabytes that could never be verified.
         raise ValueError(f"no md5 known for {', '.join(missing)}")
@@ -88,7 +95,7 @@ def download_pcam(
             tqdm.write(f"{final} already exists, skipping")
             done.append(final)
             continue
-        gz_name = f"{name}.gz"
+        gz_name = served_name(name)
         expected = md5s[gz_name].lower()
         gz = root / gz_name
         if gz.exists() and _md5(gz, progress) != expected:
@@ -107,6 +114,10 @@ def download_pcam(
                     "the download was deleted, re-run to fetch it again"
                 )
             os.replace(part, gz)
+        if gz == final:  # served uncompressed: the verified download is the file
+            record_digest(root, name, io.sha256_file(final, progress))
+            done.append(final)
+            continue
         record_digest(root, name, _gunzip(gz, final, progress))
         if not keep_gz:
             gz.unlink()
@@ -156,6 +167,11 @@ def _fetch(url: str, part: Path, progress: bool) -> None:
     if total is not None and size < total:
         # A dropped connection can look like a clean end of stream; keep the bytes for the resume.
         raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; {hint}")
+
+
+def served_name(name: str) -> str:
+    """The file Zenodo serves for `name`: the gzip archive of an `.h5`, a `.csv` as it is."""
+    return f"{name}.gz" if name.endswith(".h5") else name
 
 
 def _md5(path: Path, progress: bool) -> str:
@@ -222,7 +238,7 @@ def verify_pcam(root: str | os.PathLike[str], files: Iterable[str] | None = None
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pcamx.data.download",
-        description="Download the official PCam .h5.gz files, verify md5 and gunzip them (resumable).",
+        description="Download the official PCam .h5.gz and metadata .csv files, verify md5, gunzip (resumable).",
     )
     parser.add_argument("--root", type=Path, default=Path("data/pcam"), help="target directory")
     parser.add_argument("--base-url", default=ZENODO_URL, help="where the .h5.gz files live")
@@ -231,10 +247,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to fetch (default: all)"
     )
     parser.add_argument("--verify", action="store_true",
-                        help=f"re-check the extracted .h5 files against the sha256 recorded in {SUMS_FILE}; "
+                        help=f"re-check the extracted .h5 and .csv files against the sha256 recorded in {SUMS_FILE}; "
                              "exit 1 if one is damaged or missing")
     args = parser.parse_args(argv)
-    names = [file_name(split, kind) for split in args.splits for kind in (X_KEY, Y_KEY)]
+    names = [name for split in args.splits for name in split_file_names(split)]
     if args.verify:
         sys.exit(_report_verify(args.root, verify_pcam(args.root, names)))
     try:

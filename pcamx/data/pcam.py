@@ -10,16 +10,18 @@ Two modes share one batch interface:
 from __future__ import annotations
 
 import contextlib
+import csv
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, X_KEY, Y_KEY, file_name
+from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, SLIDE_COLUMN, X_KEY, Y_KEY, file_name, meta_file_name
 from pcamx.data.synthetic import is_synthetic
 
 DOWNLOAD_HINT = "python -m pcamx.data.download --root {root}"
@@ -81,6 +83,7 @@ class SplitFiles:
     x_path: Path
     y_path: Path
     n: int
+    split: str
 
     @classmethod
     def open(cls, root: str | Path, split: str, limit: int = 0) -> SplitFiles:
@@ -97,7 +100,7 @@ class SplitFiles:
             warnings.warn(f"data limit {limit} exceeds the {split} split's {n} patches; using all {n}", stacklevel=2)
         elif limit:
             n = limit
-        return cls(x_path, y_path, n)
+        return cls(x_path, y_path, n, split)
 
     def read_labels(self) -> np.ndarray:
         # Read the (N,1,1,1) array at once and squeeze: NumPy 2 refuses int() on a (1,1,1) element.
@@ -115,6 +118,26 @@ class SplitFiles:
         with reading(self.x_path), h5py.File(self.x_path, "r") as f:
             f[X_KEY].read_direct(out, np.s_[start:stop])
         return out
+
+    def read_slides(self) -> np.ndarray | None:
+        """The slide (`wsi`) of each of the `n` patches from the split's metadata CSV; None without the file."""
+        path = self.x_path.parent / meta_file_name(self.split)
+        if not path.is_file():
+            return None
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if SLIDE_COLUMN not in (reader.fieldnames or ()):
+                    raise PCamDataError(f"{path} has no '{SLIDE_COLUMN}' column (found {reader.fieldnames}); the "
+                                        "official metadata names each patch's slide there. Delete the file to "
+                                        "fall back to patch resampling, or download it again.")
+                slides = [row[SLIDE_COLUMN] for _, row in zip(range(self.n), reader, strict=False)]
+        except (OSError, csv.Error, UnicodeDecodeError) as err:
+            raise PCamDataError(f"{path} could not be read ({err}); delete it or download it again") from err
+        if len(slides) < self.n:
+            raise PCamDataError(f"{path} has {len(slides)} rows but {self.x_path} holds at least {self.n} patches; "
+                                "they must agree row for row (delete the CSV or download it again)")
+        return np.asarray(slides)
 
     def verify_images(self) -> None:
         """Read every image once (slab by slab, nothing kept): a damaged file fails now, not mid-run."""
@@ -147,6 +170,11 @@ class PCamSplit:
 
     def __len__(self) -> int:
         return self.files.n
+
+    @cached_property
+    def slides(self) -> np.ndarray | None:
+        """Each patch's slide id (from the metadata CSV beside the HDF5 files), or None when there is none."""
+        return self.files.read_slides()
 
     def _read_all(self) -> np.ndarray:
         n = self.files.n

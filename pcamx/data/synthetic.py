@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from pcamx import io
-from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, SPLITS, X_KEY, Y_KEY, file_name
+from pcamx.data.layout import (
+    IMAGE_SHAPE,
+    LABEL_SHAPE,
+    META_COLUMNS,
+    SPLITS,
+    X_KEY,
+    Y_KEY,
+    file_name,
+    meta_file_name,
+)
 from pcamx.locks import exclusive
 
 MARKER = "SYNTHETIC.json"
@@ -30,8 +39,10 @@ _SPLIT_OFFSET = {"train": 0, "valid": 1, "test": 2}
 _STROMA = torch.tensor([232.0, 170.0, 205.0])
 _NUCLEUS = torch.tensor([70.0, 35.0, 115.0])
 LABEL_NOISE = 0.03
+# Patches per stand-in slide in the metadata CSV (PCam's test split: 32,768 patches from about 130 slides).
+PATCHES_PER_SLIDE = 32
 # Bump when the generator changes: cached directories made by another version are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def _nuclei_mask(centers: torch.Tensor, n: int, radius: float = 2.6) -> torch.Tensor:
@@ -90,8 +101,19 @@ def _write_h5(path: Path, key: str, array: np.ndarray) -> None:
         f.create_dataset(key, data=array, chunks=chunks, compression="gzip", compression_opts=1)
 
 
+def write_meta(path: Path, labels: np.ndarray, split: str, seed: int) -> None:
+    """The split's metadata CSV in the official columns: consecutive runs of PATCHES_PER_SLIDE patches share
+    a stand-in slide id (`synthetic_<split>_<k>`), at random coordinates; tumor flags follow the labels."""
+    rng = np.random.default_rng(seed * 1000 + _SPLIT_OFFSET.get(split, 3))
+    rows = [",".join(META_COLUMNS)]
+    for i, label in enumerate(labels.reshape(-1).tolist()):
+        y, x = rng.integers(0, 100_000, size=2).tolist()
+        rows.append(f"{y},{x},{bool(label)},{bool(label)},synthetic_{split}_{i // PATCHES_PER_SLIDE:04d}")
+    path.write_text("\n".join(rows) + "\n")
+
+
 def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write all six files under `root` (atomically: a temp dir is renamed into place)."""
+    """Write all nine files under `root` (atomically: a temp dir is renamed into place)."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     root = Path(root)
     with io.atomic_dir(root) as tmp:
@@ -99,6 +121,7 @@ def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed:
             x, y = generate_split(sizes[split], seed, split)
             _write_h5(tmp / file_name(split, X_KEY), X_KEY, x)
             _write_h5(tmp / file_name(split, Y_KEY), Y_KEY, y)
+            write_meta(tmp / meta_file_name(split), y, split, seed)
         spec = {
             "synthetic": True, "version": GENERATOR_VERSION, "seed": seed, "sizes": sizes, "label_noise": LABEL_NOISE
         }

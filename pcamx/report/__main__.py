@@ -1,5 +1,8 @@
-"""`python -m pcamx.report DIR [DIR ...] [--out OUTDIR] [--style default|reference] [--baseline RUN_DIR]`:
+"""`python -m pcamx.report DIR [DIR ...] [--out OUTDIR] [--style default|reference] [--baseline RUN_DIR] [--ci]`:
 the sweep table of every run under DIRs.
+
+Runs that differ only in `seed` share one row (mean ± sd, n); summary.csv keeps every run. --ci shows each
+metric with its 95% bootstrap interval (on by default in --style reference).
 
 --style reference renders summary.md in the reference results table's layout (labels, row order,
 changes on Parameters/GFLOPs/Memory/AUROC against one baseline run, by default the full-FT f32 run).
@@ -30,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="(--style reference) the run directory every change is computed against "
                              "(default: the full-FT, unquantized, f32-evaluated run)")
+    parser.add_argument("--ci", action=argparse.BooleanOptionalAction, default=None,
+                        help="each metric with its 95%% interval in summary.md (default: on for --style reference, "
+                             "off otherwise)")
     args = parser.parse_args(argv)
     for d in args.dirs:
         if not d.is_dir():
@@ -38,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("several DIRs: say where the tables go with --out")
     out = args.out or args.dirs[0]
     try:
-        runs, paths = summarize(args.dirs, out, args.style, args.baseline)
+        runs, paths = summarize(args.dirs, out, args.style, args.baseline, args.ci)
     except ValueError as err:
         parser.error(str(err))
     if not runs:

@@ -38,7 +38,7 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        runs, paths = summarize([sweep_dir], sweep_dir)
+        runs, paths = summarize([sweep_dir], sweep_dir, ci=bool(OmegaConf.select(config, "report.ci", default=False)))
         text = paths["md"].read_text()
         print(f"\n{text}\nsweep summary: {', '.join(str(p) for p in paths.values())}")
         try:

@@ -35,6 +35,23 @@ def format_value(key: str, value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def format_interval(key: str, interval: Any) -> str:
+    """`[0.9731, 0.9760]` in the metric's digits; "—" without an interval."""
+    if not (isinstance(interval, list | tuple) and len(interval) == 2 and all(is_number(v) for v in interval)):
+        return "—"
+    return f"[{format_value(key, interval[0])}, {format_value(key, interval[1])}]"
+
+
+def format_mean_sd(key: str, values: list[Any]) -> str:
+    """`0.9746 ± 0.0012` (sample standard deviation) over the numbers among `values`; one number as it is."""
+    numbers = [v for v in values if is_number(v)]
+    if len(numbers) < 2:
+        return format_value(key, numbers[0] if numbers else None)
+    mean = math.fsum(numbers) / len(numbers)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1))
+    return f"{format_value(key, mean)} ± {format_value(key, sd)}"
+
+
 def percent_change(value: Any, reference: Any) -> float | None:
     """100 · (value − reference) / |reference|; None when either is missing or the reference is 0."""
     if not (is_number(value) and is_number(reference)) or reference == 0:

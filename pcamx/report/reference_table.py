@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pcamx.report.format import VALUE_COLUMNS, format_change, format_value, percent_change
-from pcamx.report.sweep import SYNTHETIC_NOTE, RunRecord, md_escape, shorten
+from pcamx.metrics import METRIC_NAMES
+from pcamx.report.format import VALUE_COLUMNS, format_change, format_interval, format_value, percent_change
+from pcamx.report.sweep import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, md_escape, shorten
 
 COLUMNS = ("Method", "Quantization", *(header for _, header in VALUE_COLUMNS))
 ALIGN = ("---", "---", "---", *("---:",) * (len(VALUE_COLUMNS) - 1))
@@ -133,8 +134,8 @@ def _measured(runs: Sequence[RunRecord]) -> tuple[str, list[tuple[str, str]]]:
     return ", ".join(parts), extra
 
 
-def reference_table(runs: Sequence[RunRecord], baseline: RunRecord | None) -> str:
-    """summary.md in the reference layout."""
+def reference_table(runs: Sequence[RunRecord], baseline: RunRecord | None, ci: bool = True) -> str:
+    """summary.md in the reference layout; with `ci`, each metric with its 95% interval."""
     measured, extra = _measured(runs)
     lines = ["# Results", ""]
     if any(r.data == "synthetic" for r in runs):
@@ -148,6 +149,11 @@ def reference_table(runs: Sequence[RunRecord], baseline: RunRecord | None) -> st
     else:
         lines += ["No baseline run (full FT, unquantized, f32) among these runs: no changes shown; "
                   "pass --baseline RUN_DIR.", ""]
+    if ci:
+        lines += ["[lo, hi]: 95% bootstrap interval of the test metric (metrics.json → ci95, ci_method).", ""]
+    if any(r.significant(m) for r in runs for m in METRIC_NAMES):
+        lines += [f"{SIGNIFICANT}: differs from the same model uncompressed and in f32 (the paired 95% bootstrap "
+                  "interval of the difference excludes 0; metrics.json → reference.paired).", ""]
     header = [*COLUMNS, *(title for title, _ in extra)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join((*ALIGN, *("---:",) * len(extra))) + " |")
@@ -163,6 +169,10 @@ def reference_table(runs: Sequence[RunRecord], baseline: RunRecord | None) -> st
                 text = format_value(key, value)
                 if key in CHANGE_KEYS and run is not baseline and text != "—":
                     text += format_change(percent_change(value, base.get(key)))
+                if key in METRIC_NAMES and run.significant(key):
+                    text += SIGNIFICANT
+                if ci and key in run.ci95:
+                    text += f" {format_interval(key, run.ci95[key])}"
                 cells.append(text)
             cells += [str(getattr(run, attr) or "—") for _, attr in extra]
             lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")

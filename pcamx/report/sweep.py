@@ -7,9 +7,12 @@ sweep whose launcher process died never gets one that matches what ran.
 
 Outputs (see `write_summary`):
   summary.csv  one row per run, raw numbers only, each traceable through its run_dir column;
-  summary.md   one row per run; a compressed or quantized run shows its change against its own
-               uncompressed f32 model (metrics.json's `reference.change_pct`), or the reference layout;
-  roc.png      one ROC curve per ok run, labelled by the overrides that differ across the sweep.
+  summary.md   one row per run, or per group of runs that differ only in `seed` (mean ± sd, n); a compressed
+               or quantized run shows its change against its own uncompressed f32 model (metrics.json's
+               `reference.change_pct`), marked † where the paired 95% interval excludes 0; with `ci`, each
+               metric with its 95% interval. Or the reference layout;
+  roc.png      one ROC curve per ok run, labelled by the overrides that differ across the sweep;
+  calibration.png  one reliability curve per ok run.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ from omegaconf import OmegaConf  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from pcamx import io  # noqa: E402
-from pcamx.report.format import VALUE_COLUMNS, format_cell, quantization_label  # noqa: E402
+from pcamx.metrics import METRIC_NAMES  # noqa: E402
+from pcamx.report.format import (  # noqa: E402
+    VALUE_COLUMNS,
+    format_cell,
+    format_interval,
+    format_mean_sd,
+    quantization_label,
+)
+from pcamx.report.run_files import plot_reliability  # noqa: E402
+from pcamx.uncertainty import excludes_zero  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -47,7 +59,7 @@ _DESCRIBED = re.compile(
     r"^(method|quant|quant\.mode|prune|prune\.method|prune\.tau\w*|data|model|data\.resolution|eval\.tta(_views)?"
     r"|eval\.precision)$")
 # Scalars of metrics.json that are not numbers to compare but are still worth a CSV column.
-_SKIP_CSV = {"status", "error", "traceback", "run_dir", "prune", "reference", "val"}
+_SKIP_CSV = {"status", "error", "traceback", "run_dir", "prune", "reference", "val", "ci95", "calibration"}
 # Each descriptive field: its metrics.json key, then the config key that says it for a run without metrics.
 _FIELDS = {"method": "method.name", "model": "model.name", "data": "data.name", "quant": "quant.mode",
            "eval_precision": "eval.precision", "resolution": "data.resolution", "method_config": "method",
@@ -120,6 +132,20 @@ class RunRecord:
     def change_pct(self) -> dict[str, float]:
         """Change of each number against the run's own uncompressed f32 model (compressed/quantized runs)."""
         return (self.metrics.get("reference") or {}).get("change_pct") or {}
+
+    @property
+    def ci95(self) -> dict[str, list[float]]:
+        return self.metrics.get("ci95") or {}
+
+    def significant(self, metric: str) -> bool:
+        """Whether the paired 95% interval of the difference to the run's own reference excludes 0."""
+        paired = (self.metrics.get("reference") or {}).get("paired") or {}
+        return excludes_zero((paired.get(metric) or {}).get("ci95"))
+
+    @property
+    def seedless(self) -> tuple:
+        """What identifies the run apart from its seed: runs that share it are repeats of one setting."""
+        return tuple(sorted((k, v) for k, v in self.override_map.items() if k != "seed"))
 
 
 def _select(config: dict[str, Any], dotted: str) -> Any:
@@ -259,9 +285,32 @@ def split_columns(runs: Sequence[RunRecord]) -> tuple[list[str], list[str], dict
     return varying_overrides, varying_context, constants
 
 
-def markdown_table(runs: Sequence[RunRecord]) -> str:
-    """summary.md: a header with what is constant, then one row per run."""
+SIGNIFICANT = "†"
+
+
+def group_by_seed(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
+    """Rows of the table: ok runs whose overrides differ only in `seed` share one; every other run is its own."""
+    rows: dict[Any, list[RunRecord]] = {}
+    for run in runs:
+        key = ("seeds", run.seedless) if run.ok and "seed" in run.override_map else ("run", id(run))
+        rows.setdefault(key, []).append(run)
+    return list(rows.values())
+
+
+def value_cell(run: RunRecord, key: str, ci: bool) -> str:
+    text = format_cell(key, run.metrics.get(key), run.change_pct.get(key))
+    if key in METRIC_NAMES and run.significant(key):
+        text += SIGNIFICANT
+    if ci and key in run.ci95:
+        text += f" {format_interval(key, run.ci95[key])}"
+    return text
+
+
+def markdown_table(runs: Sequence[RunRecord], ci: bool = False) -> str:
+    """summary.md: a header with what is constant, then one row per run or per group of seeds."""
     varying_overrides, varying_context, constants = split_columns(runs)
+    rows = group_by_seed(runs)
+    repeats = any(len(row) > 1 for row in rows)
     counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "interrupted", "missing")}
     lines = ["# Sweep summary", ""]
     if any(r.data == "synthetic" for r in runs):
@@ -271,16 +320,29 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
         lines += [" · ".join(f"{k}: {v}" for k, v in constants.items()), ""]
     lines += ["Relative change (↓/↑ %, direction only) is against the same trained model uncompressed and in f32; "
               "uncompressed rows are that reference. Raw numbers and run directories: summary.csv.", ""]
+    if any(r.significant(m) for r in runs for m in METRIC_NAMES):
+        lines += [f"{SIGNIFICANT} the paired 95% bootstrap interval of the difference to that uncompressed f32 "
+                  "model excludes 0 (metrics.json → reference.paired).", ""]
+    if ci:
+        lines += ["[lo, hi]: 95% bootstrap interval of the test metric (metrics.json → ci95, ci_method).", ""]
+    if repeats:
+        lines += ["Runs that differ only in seed share a row: mean ± sample sd over its n runs.", ""]
     show_status = any(not r.ok for r in runs)
     header = ["Job", *varying_overrides, *varying_context, "Method", "Quantization", "Pruning/τ",
-              *(h for _, h in VALUE_COLUMNS)] + (["Status"] if show_status else [])
+              *(h for _, h in VALUE_COLUMNS)] + (["n"] if repeats else []) + (["Status"] if show_status else [])
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(" --- " for _ in header) + "|")
-    for run in runs:
-        cells = [run.job, *(_plain(run.override_map.get(k)) for k in varying_overrides),
+    for row in rows:
+        run = row[0]
+        cells = [",".join(r.job for r in row),
+                 *(",".join(dict.fromkeys(_plain(r.override_map.get(k)) for r in row)) for k in varying_overrides),
                  *(_plain(getattr(run, k)) for k in varying_context),
                  _plain(run.method), run.quantization, format_pruning(run.prune)]
-        cells += [format_cell(key, run.metrics.get(key), run.change_pct.get(key)) for key, _ in VALUE_COLUMNS]
+        if len(row) > 1:
+            cells += [format_mean_sd(key, [r.metrics.get(key) for r in row]) for key, _ in VALUE_COLUMNS]
+        else:
+            cells += [value_cell(run, key, ci) for key, _ in VALUE_COLUMNS]
+        cells += [str(len(row))] if repeats else []
         if show_status:
             cells.append(run.status if run.ok else f"{run.status}: {shorten(run.error or '')}")
         lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
@@ -297,9 +359,11 @@ def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]
     described = ["n_test", "tta", "tta_views", "resolution", "eval_precision"]
     extras = sorted({k for r in runs for k, v in r.metrics.items() if not isinstance(v, dict | list)}
                     - _SKIP_CSV - set(values) - set(described) - {"data", "model", "method", "quant"})
+    intervals = [f"{k}.ci95_{end}" for k in METRIC_NAMES for end in ("lo", "hi")]
+    paired = [*(f"reference.paired.{k}.diff" for k in METRIC_NAMES), "reference.paired.auroc.p_delong"]
     columns = ["job", "status", "error", "run_dir", "overrides", *(f"override.{k}" for k in override_keys),
-               "method", "model", "data", "quant", "prune_method", *TAU_KEYS, *values, *described, *extras,
-               *(f"reference.{k}" for k in values)]
+               "method", "model", "data", "quant", "prune_method", *TAU_KEYS, *values, *intervals, *described,
+               *extras, *(f"reference.{k}" for k in values), *paired]
     rows = []
     for run in runs:
         reference = run.metrics.get("reference") or {}
@@ -311,6 +375,11 @@ def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]
             **{k: run.metrics.get(k) for k in (*values, *extras)}, "n_test": run.n_test,
             "tta": run.metrics.get("tta"), "tta_views": run.tta_views, "resolution": run.resolution,
             "eval_precision": run.eval_precision, **{f"reference.{k}": reference.get(k) for k in values},
+            **{f"{k}.ci95_{end}": (run.ci95.get(k) or [None, None])[i] for k in METRIC_NAMES
+               for i, end in enumerate(("lo", "hi"))},
+            **{f"reference.paired.{k}.diff": (reference.get("paired") or {}).get(k, {}).get("diff")
+               for k in METRIC_NAMES},
+            "reference.paired.auroc.p_delong": (reference.get("paired") or {}).get("auroc", {}).get("p_delong"),
         })
     return columns, rows
 
@@ -334,31 +403,42 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array([int(r["label"]) for r in rows]), np.array([float(r["prob"]) for r in rows])
 
 
-def plot_sweep_roc(runs: Sequence[RunRecord], path: Path) -> Path:
-    """One ROC curve per ok run with predictions; the legend says which run and its AUROC."""
+def run_predictions(runs: Sequence[RunRecord]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(legend label, labels, probs) of every ok run whose predictions.csv reads back; the label names the run
+    by the overrides that differ across the sweep."""
     keys = [k for k in dict.fromkeys(k for r in runs for k in r.override_map)
             if _varying([r.override_map.get(k) for r in runs])]
-    fig, ax = plt.subplots(figsize=(7, 6))
-    plotted = 0
+    out = []
     for run in runs:
         pred = run.run_dir / PREDICTIONS_FILE
         if not run.ok or not pred.is_file():
             continue
         try:
             labels, probs = read_predictions(pred)
-            fpr, tpr, _ = roc_curve(labels, probs)
-            auroc = roc_auc_score(labels, probs)
+            roc_auc_score(labels, probs)  # both classes, valid probabilities
         except (OSError, ValueError, KeyError):
             continue  # one unreadable file must not cost the whole figure
         parts = [f"{k}={run.override_map[k]}" for k in keys if k in run.override_map]
         label = " ".join(parts) or " · ".join([_plain(run.method), run.quantization, format_pruning(run.prune)])
-        ax.plot(fpr, tpr, linewidth=1.2, label=f"{run.job}: {label} (AUROC {auroc:.4f})")
-        plotted += 1
+        out.append((f"{run.job}: {label}", labels, probs))
+    return out
+
+
+def _sweep_title(runs: Sequence[RunRecord], what: str) -> str:
+    return what + (f" ({SYNTHETIC_NOTE})" if any(r.data == "synthetic" for r in runs) else "")
+
+
+def plot_sweep_roc(runs: Sequence[RunRecord], path: Path) -> Path:
+    """One ROC curve per ok run with predictions; the legend says which run and its AUROC."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    curves = run_predictions(runs)
+    for label, labels, probs in curves:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax.plot(fpr, tpr, linewidth=1.2, label=f"{label} (AUROC {roc_auc_score(labels, probs):.4f})")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
-    synthetic = any(r.data == "synthetic" for r in runs)
-    title = "Sweep ROC" + (f" ({SYNTHETIC_NOTE})" if synthetic else "")
-    ax.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    if plotted:
+    ax.set(xlabel="False positive rate", ylabel="True positive rate", title=_sweep_title(runs, "Sweep ROC"),
+           xlim=(0, 1), ylim=(0, 1.01))
+    if curves:
         ax.legend(loc="lower right", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no ok runs with predictions", ha="center", va="center")
@@ -375,11 +455,12 @@ STYLES = ("default", "reference")
 
 
 def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "default",
-                  baseline: str | Path | None = None) -> dict[str, Path]:
-    """Write summary.csv, summary.md and roc.png into `out_dir`; returns their paths by kind.
+                  baseline: str | Path | None = None, ci: bool | None = None) -> dict[str, Path]:
+    """Write summary.csv, summary.md, roc.png and calibration.png into `out_dir`; returns their paths by kind.
 
     style: "default" (every run, changes against each run's own uncompressed model) or "reference" (the
-    reference table's layout, changes against one `baseline` run; see pcamx.report.reference_table)."""
+    reference table's layout, changes against one `baseline` run; see pcamx.report.reference_table).
+    ci: each metric with its 95% interval in summary.md; None = the style's default (on for reference)."""
     from pcamx.report.reference_table import pick_baseline, reference_table
 
     out_dir = Path(out_dir)
@@ -390,19 +471,24 @@ def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "
         raise ValueError(f"unknown table style {style!r}; allowed: {', '.join(STYLES)}")
     if baseline is not None and style != "reference":
         raise ValueError("a baseline run only applies to --style reference")
-    md = reference_table(runs, pick_baseline(runs, baseline)) if style == "reference" else markdown_table(runs)
+    if style == "reference":
+        md = reference_table(runs, pick_baseline(runs, baseline), ci=True if ci is None else ci)
+    else:
+        md = markdown_table(runs, ci=bool(ci))
     return {
         "csv": io.write_text(out_dir / "summary.csv", csv_text(runs)),
         "md": io.write_text(out_dir / "summary.md", md),
         "roc": plot_sweep_roc(runs, out_dir / "roc.png"),
+        "calibration": plot_reliability(out_dir / "calibration.png", run_predictions(runs),
+                                        _sweep_title(runs, "Sweep reliability")),
     }
 
 
 def summarize(dirs: Sequence[str | Path], out_dir: str | Path, style: str = "default",
-              baseline: str | Path | None = None) -> tuple[list[RunRecord], dict[str, Path]]:
+              baseline: str | Path | None = None, ci: bool | None = None) -> tuple[list[RunRecord], dict[str, Path]]:
     """collect_runs + write_summary."""
     runs = collect_runs(dirs)
-    return runs, write_summary(runs, out_dir, style, baseline)
+    return runs, write_summary(runs, out_dir, style, baseline, ci)
 
 
 def any_failed(runs: Iterable[RunRecord]) -> bool:

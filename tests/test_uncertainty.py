@@ -1,0 +1,186 @@
+"""Intervals, paired tests and temperature scaling against independent truth: sklearn on repeated samples,
+a slow O(m·n) DeLong, the closed-form AUROC of two normals, and a grid search for the temperature."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from pcamx.metrics import METRICS, Ranked, Tally, binary_metrics, nll
+from pcamx.uncertainty import (
+    apply_temperature,
+    confidence_intervals,
+    delong_covariance,
+    delong_test,
+    excludes_zero,
+    fit_temperature,
+    paired_comparison,
+    resample_counts,
+)
+
+
+def scores(n: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labels; a positive's score ~ N(separation, 1), a negative's ~ N(0, 1), squashed into (0, 1)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    z = rng.standard_normal(n) + separation * y
+    return y, 1.0 / (1.0 + np.exp(-z))
+
+
+# ---------------------------------------------------------------- weighted metrics
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_weighted_metrics_equal_sklearn_on_the_repeated_samples(ties: bool) -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    p = rng.random(400)
+    p = np.round(p, 1) if ties else p  # ties across and within classes exercise the tie groups
+    ranked = Ranked.of(y, p)
+    counts = rng.integers(0, 4, size=(3, 400)).astype(float)
+    weights = np.vstack([np.ones(400), counts])
+    values = {m.name: m.weighted(Tally(ranked, weights[:, ranked.order])) for m in METRICS}
+    for row, w in enumerate(weights):
+        idx = np.repeat(np.arange(400), w.astype(int))
+        truth = binary_metrics(y[idx], p[idx])
+        for name, got in values.items():
+            assert got[row] == pytest.approx(truth[name], abs=1e-12), (name, row)
+
+
+def test_patch_resampling_keeps_the_class_counts_and_slide_resampling_moves_whole_slides() -> None:
+    y = np.array([0] * 30 + [1] * 10)
+    counts = resample_counts(y, None, 50, np.random.default_rng(0))
+    assert (counts[:, y == 0].sum(axis=1) == 30).all() and (counts[:, y == 1].sum(axis=1) == 10).all()
+    slides = np.repeat(np.arange(8), 5)
+    y = np.tile([0, 0, 1, 0, 1], 8)
+    counts = resample_counts(y, slides, 50, np.random.default_rng(0))
+    per_slide = counts.reshape(50, 8, 5)
+    # Every patch of a slide is drawn as often as the slide; 8 slides drawn per resample.
+    assert (per_slide == per_slide[:, :, :1]).all()
+    assert (per_slide[:, :, 0].sum(axis=1) == 8).all()
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def test_95_percent_intervals_cover_the_true_auroc_at_about_the_nominal_rate() -> None:
+    separation = 1.0
+    true_auroc = NormalDist().cdf(separation / math.sqrt(2))  # P(N(d,1) > N(0,1))
+    covered = 0
+    for rep in range(100):
+        y, p = scores(300, separation, seed=rep)
+        lo, hi = confidence_intervals(y, p, draws=400, seed=rep)["ci95"]["auroc"]
+        covered += lo <= true_auroc <= hi
+    assert 90 <= covered <= 100
+
+
+def test_every_metric_gets_an_interval_around_its_value_and_the_draws_are_seeded() -> None:
+    y, p = scores(400, 1.5, seed=0)
+    out = confidence_intervals(y, p, draws=300, seed=7)
+    assert out["ci_method"] == "patch" and out["bootstrap"] == 300 and "ci_slides" not in out
+    values = binary_metrics(y, p)
+    for m in METRICS:
+        lo, hi = out["ci95"][m.name]
+        assert lo < hi and lo <= values[m.name] <= hi, m.name
+    assert confidence_intervals(y, p, draws=300, seed=7) == out
+    assert confidence_intervals(y, p, draws=300, seed=8) != out
+    assert confidence_intervals(y, p, draws=0) == {}
+
+
+def test_slide_resampling_widens_the_interval_when_a_slides_patches_are_copies() -> None:
+    # 40 slides of 10 identical patches: 40 independent observations, not 400.
+    y0, p0 = scores(40, 1.0, seed=3)
+    y, p, slides = np.repeat(y0, 10), np.repeat(p0, 10), np.repeat(np.arange(40), 10)
+    patch = confidence_intervals(y, p, draws=500, seed=0)
+    slide = confidence_intervals(y, p, slides, draws=500, seed=0)
+    assert slide["ci_method"] == "slide" and slide["ci_slides"] == 40
+    width = {k: v["ci95"]["auroc"][1] - v["ci95"]["auroc"][0] for k, v in (("patch", patch), ("slide", slide))}
+    assert width["slide"] > 2 * width["patch"]
+
+
+def test_slide_ids_must_match_the_predictions() -> None:
+    y, p = scores(20, 1.0, seed=0)
+    with pytest.raises(ValueError, match="19 slide ids for 20 predictions"):
+        confidence_intervals(y, p, np.arange(19), draws=10)
+
+
+# ---------------------------------------------------------------- paired comparison and DeLong
+
+
+def slow_delong(y: np.ndarray, *scores_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong et al. (1988) straight from the definition: placement values over all positive-negative pairs."""
+    pos, neg = y == 1, y == 0
+    m, n = pos.sum(), neg.sum()
+    v10, v01, aucs = [], [], []
+    for s in scores_:
+        x, z = s[pos], s[neg]
+        psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+        aucs.append(psi.mean())
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+    s10 = np.atleast_2d(np.cov(np.array(v10)))
+    s01 = np.atleast_2d(np.cov(np.array(v01)))
+    return np.array(aucs), s10 / m + s01 / n
+
+
+def test_fast_delong_equals_the_slow_definition_with_ties() -> None:
+    y, a = scores(300, 1.0, seed=4)
+    b = np.round(a + np.random.default_rng(5).normal(0, 0.1, 300), 2)  # correlated, with ties
+    aucs, cov = delong_covariance(y, np.round(a, 2), b)
+    slow_aucs, slow_cov = slow_delong(y, np.round(a, 2), b)
+    np.testing.assert_allclose(aucs, slow_aucs, atol=1e-12)
+    np.testing.assert_allclose(cov, slow_cov, atol=1e-14)
+    var = slow_cov[0, 0] + slow_cov[1, 1] - 2 * slow_cov[0, 1]
+    z = (slow_aucs[0] - slow_aucs[1]) / math.sqrt(var)
+    assert delong_test(y, np.round(a, 2), b) == pytest.approx(2 * (1 - NormalDist().cdf(abs(z))), rel=1e-9)
+
+
+def test_paired_comparison_of_a_model_with_itself_finds_no_difference() -> None:
+    y, p = scores(200, 1.0, seed=6)
+    intervals, paired = paired_comparison(y, p, p.copy(), draws=200, seed=0)
+    assert intervals == confidence_intervals(y, p, draws=200, seed=0)  # the same draws as the model's own
+    for m in METRICS:
+        assert paired[m.name]["diff"] == 0 and paired[m.name]["ci95"] == [0.0, 0.0]
+        assert not excludes_zero(paired[m.name]["ci95"])
+    assert paired["auroc"]["p_delong"] == 1.0
+
+
+def test_paired_comparison_finds_a_real_improvement_and_its_size() -> None:
+    y, _ = scores(2000, 0.0, seed=7)
+    rng = np.random.default_rng(8)
+    signal = rng.standard_normal(2000) + 1.0 * y
+    better = 1 / (1 + np.exp(-(signal + 0.3 * rng.standard_normal(2000))))
+    worse = 1 / (1 + np.exp(-(signal + 1.5 * rng.standard_normal(2000))))
+    _, paired = paired_comparison(y, better, worse, draws=300, seed=0)
+    truth = binary_metrics(y, better)["auroc"] - binary_metrics(y, worse)["auroc"]
+    assert paired["auroc"]["diff"] == pytest.approx(truth, abs=1e-12)
+    lo, hi = paired["auroc"]["ci95"]
+    assert 0 < lo < truth < hi and excludes_zero([lo, hi])
+    assert paired["auroc"]["p_delong"] < 1e-6
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def test_temperature_undoes_an_overconfident_model() -> None:
+    rng = np.random.default_rng(9)
+    logit = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-logit))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3.0 * logit))  # logits three times too large
+    t = fit_temperature(y, overconfident)
+    grid = np.linspace(2.0, 4.0, 2001)
+    losses = [nll(y, apply_temperature(overconfident, g)) for g in grid]
+    assert t == pytest.approx(grid[int(np.argmin(losses))], abs=2e-3)  # the NLL minimum, found independently
+    assert t == pytest.approx(3.0, rel=0.05)
+    assert binary_metrics(y, apply_temperature(overconfident, t))["ece"] < binary_metrics(y, overconfident)["ece"]
+
+
+def test_temperature_one_changes_nothing_and_order_is_kept() -> None:
+    p = np.array([1e-3, 0.2, 0.5, 0.7, 0.999])
+    np.testing.assert_allclose(apply_temperature(p, 1.0), p, rtol=1e-12)
+    hot = apply_temperature(p, 2.0)
+    assert (np.diff(hot) > 0).all() and hot[2] == pytest.approx(0.5)
+    assert (np.abs(hot - 0.5) < np.abs(p - 0.5) + 1e-15).all()  # T > 1 moves every p toward 0.5
