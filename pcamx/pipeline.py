@@ -424,7 +424,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     """The table a run prints at its end: every metric of the registry with its 95% interval, then footprint,
     speed and how it was measured."""
     ci = metrics.get("ci95") or {}
-    how = {"slide": f"slides resampled ({metrics.get('ci_slides')} slides)", "patch": "patches resampled"}
+    how = {"slide": f"{metrics.get('ci_slides')} slides resampled", "patch": "patches resampled"}
     rows = [f"| metric | value | 95% interval ({how.get(metrics.get('ci_method'), 'none')}) |", "| --- | --- | --- |"]
     rows += [f"| {m.header} | {format_value(m.name, metrics.get(m.name))} | {format_interval(m.name, ci.get(m.name))} |"
              for m in METRICS]

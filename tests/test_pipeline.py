@@ -107,7 +107,7 @@ def test_demo_metrics_carry_slide_bootstrap_intervals(demo_run: Path, capsys) ->
     # The printed table shows each interval as it is in metrics.json.
     table = pipeline.format_table(metrics)
     assert f"[{metrics['ci95']['auroc'][0]:.4f}, {metrics['ci95']['auroc'][1]:.4f}]" in table
-    assert f"slides resampled ({metrics['ci_slides']} slides)" in table
+    assert f"95% interval ({metrics['ci_slides']} slides resampled)" in table
 
 
 def test_temperature_is_fitted_on_validation_and_reported_before_and_after(small_pcam: Path, tmp_path: Path) -> None:
