@@ -15,6 +15,7 @@ from pcamx.metrics import (
     METRIC_NAMES,
     NLL_EPS,
     SELECT_METRICS,
+    accuracy,
     binary_metrics,
     expected_calibration_error,
     improves,
@@ -100,6 +101,10 @@ def test_ece_edges():
     # A confidence exactly on an interior edge belongs to the lower bin (lo, hi]: the edge sample
     # (correct) shares bin 11 with conf 0.79 (wrong) → |0.5 - mean conf|; separate bins would give
     # (|1 - edge| + |0 - 0.79|) / 2 ≈ 0.495.
+    # p = 0.5 exactly predicts class 1: with 0.52 (class 1, right) in the same bin, the 0.5 (class 0) is wrong
+    # → |1 − 1.02| / 2; predicting class 0 there would give |2 − 1.02| / 2.
+    assert expected_calibration_error(np.array([0, 1]), np.array([0.5, 0.52])) == pytest.approx(0.01)
+    assert accuracy(np.array([0, 1]), np.array([0.5, 0.52])) == 0.5
     edge = np.linspace(0, 1, 16)[12]
     ece = expected_calibration_error(np.array([1, 0]), np.array([edge, 0.79]))
     assert ece == pytest.approx(abs(0.5 - (edge + 0.79) / 2), abs=1e-12)
@@ -124,6 +129,11 @@ def test_sens_at_95spec_keeps_collinear_roc_points():
     y = np.array([1, 0, 1, 0] + [1] * 18 + [0] * 18)
     p = np.array([0.9, 0.9, 0.8, 0.8] + [0.3] * 18 + [0.1] * 18)
     assert sensitivity_at_specificity(y, p) == pytest.approx(1 / 20)
+    # Four such groups: (0,0), (.025,.05), (.05,.1), (.075,.15), (.1,.2) lie on one line, and roc_curve's
+    # drop_intermediate keeps only the ends — the best admissible point (.05, .1) would be lost.
+    y = np.array([1, 0] * 4 + [1] * 16 + [0] * 36)
+    p = np.array([0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6] + [0.3] * 16 + [0.1] * 36)
+    assert sensitivity_at_specificity(y, p) == pytest.approx(0.1)
 
 
 def test_perfect_classifier():
@@ -163,6 +173,8 @@ def test_nll_clips_saturated_probs():
         ([0, 1], [0.1, float("inf")], "NaN or inf"),
         ([], [], "no samples"),
         ([[0, 1]], [[0.1, 0.9]], "1-D"),
+        ([[0, 1]], [0.1, 0.9], "1-D"),  # one 2-D input is enough to refuse
+        ([0, 1], [[0.1, 0.9]], "1-D"),
         ([1, 1, 1], [0.1, 0.5, 0.9], "single class"),
         ([0, 0], [0.1, 0.5], "single class"),
     ],

@@ -307,3 +307,17 @@ def test_intervals_and_significant_differences_in_the_tables(tmp_path: Path) -> 
     _, paths = summarize([root], root, style="reference", baseline=root / "0")  # on by default there
     assert "0.9540† [0.9501, 0.9577]" in paths["md"].read_text()
     assert paths["calibration"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_quantization_labels_and_plain_values() -> None:
+    from pcamx.report.format import format_value, quantization_label
+
+    assert quantization_label(None, "fp32") == "—"
+    assert quantization_label("none", None) == quantization_label("none", "fp32") == "none (f32)"
+    assert quantization_label("none", "bf16-autocast") == "none (bf16 autocast)"
+    assert quantization_label("int8", "int8-dynamic") == "int8 (dynamic)"
+    assert quantization_label("bf16", "bf16") == "bf16"
+    assert format_value("latency_ms_b1", 1.5) == "1.5" and format_value("n_test", 128) == "128"
+    assert format_value("gflops", 0.1) == "0.10" and format_value("gflops", 0.0012) == "0.0012"
+    assert format_value("gflops", 0.0) == "0.00" and format_value("memory_mb", 1.0) == "1.0"
+    assert format_value("params", 1_234_567_000) == "1234.57M"

@@ -76,3 +76,10 @@ def test_distillation_term_is_t_squared_kl_of_the_softened_distributions() -> No
     by_hand = (p_t * (p_t.log() - p_s.log())).sum(-1).mean() * t * t  # KL(teacher ‖ student), batch mean
     assert distillation_loss(student, teacher, t).item() == pytest.approx(by_hand.item(), rel=1e-12)
     assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_warmup_cosine_with_one_step_after_the_warmup() -> None:
+    # total − warmup = 1: that step is the cosine's end (progress 1 → 0), not its middle.
+    assert warmup_cosine(4, 4, 5) == pytest.approx(1.0)
+    assert warmup_cosine(5, 4, 5) == pytest.approx(0.0, abs=1e-15)
+    assert warmup_cosine(3, 0, 2) == pytest.approx(0.0, abs=1e-15)  # past the end it stays at 0
