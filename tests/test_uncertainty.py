@@ -11,6 +11,7 @@ import pytest
 
 from pcamx.metrics import METRICS, Ranked, Tally, binary_metrics, nll
 from pcamx.uncertainty import (
+    _draw_metrics,
     apply_temperature,
     confidence_intervals,
     delong_covariance,
@@ -184,3 +185,61 @@ def test_temperature_one_changes_nothing_and_order_is_kept() -> None:
     hot = apply_temperature(p, 2.0)
     assert (np.diff(hot) > 0).all() and hot[2] == pytest.approx(0.5)
     assert (np.abs(hot - 0.5) < np.abs(p - 0.5) + 1e-15).all()  # T > 1 moves every p toward 0.5
+
+
+# ---------------------------------------------------------------- the resampling machinery, in detail
+
+
+def test_every_patch_can_be_drawn_and_the_defaults_are_1000_seeded_draws() -> None:
+    y = np.array([0] * 30 + [1] * 10)
+    counts = resample_counts(y, None, 200, np.random.default_rng(0))
+    assert (counts.sum(axis=0) > 0).all()  # the first patch of each class too
+    y, p = scores(60, 1.0, seed=11)
+    assert confidence_intervals(y, p) == confidence_intervals(y, p, None, 1000, 0)
+    assert paired_comparison(y, p, p ** 2) == paired_comparison(y, p, p ** 2, None, 1000, 0)
+    lo, hi = confidence_intervals(y, p, draws=1)["ci95"]["auroc"]
+    assert lo == hi  # one draw: a degenerate interval, not none
+
+
+def test_intervals_are_the_2_5_and_97_5_percentiles_of_every_draw() -> None:
+    y, p = scores(200, 1.0, seed=12)
+    (values,) = _draw_metrics([Ranked.of(y, p)], y, None, 300, 5)  # more draws than one chunk
+    assert all(len(v) == 300 for v in values.values())
+    out = confidence_intervals(y, p, draws=300, seed=5)
+    for name, v in values.items():
+        assert out["ci95"][name] == pytest.approx(np.quantile(v, [0.025, 0.975]).tolist(), abs=1e-15)
+
+
+def test_slide_resampling_redraws_single_class_resamples() -> None:
+    # One slide holds every positive: a resample without it has one class and must be drawn again.
+    y = np.array([1] * 4 + [0] * 12)
+    slides = np.repeat([0, 1, 2, 3], 4)
+    counts = resample_counts(y, slides, 400, np.random.default_rng(1))
+    positive_slide = counts[:, 0]
+    assert (positive_slide >= 1).all() and (counts[:, y == 0].sum(axis=1) > 0).all()
+    assert (positive_slide == 1).any()  # drawn once is enough
+    assert (counts.reshape(400, 4, 4).sum(axis=(1, 2)) == 16).all()  # 4 slides of 4 patches each time
+
+
+def test_the_paired_comparison_resamples_slides_when_it_has_them() -> None:
+    y0, p0 = scores(30, 1.0, seed=13)
+    y, p, slides = np.repeat(y0, 8), np.repeat(p0, 8), np.repeat(np.arange(30), 8)
+    q = np.clip(p + np.random.default_rng(14).normal(0, 0.05, len(p)), 0, 1)
+    by_slide, paired_slide = paired_comparison(y, p, q, slides, draws=300, seed=0)
+    by_patch, paired_patch = paired_comparison(y, p, q, None, draws=300, seed=0)
+    assert by_slide["ci_method"] == "slide" and by_slide["ci_slides"] == 30 and by_patch["ci_method"] == "patch"
+    width = {k: v["auroc"]["ci95"][1] - v["auroc"]["ci95"][0] for k, v in (("slide", paired_slide),
+                                                                          ("patch", paired_patch))}
+    assert width["slide"] > 1.5 * width["patch"]
+
+
+def test_delong_needs_two_of_each_class_and_a_saturated_probability_stays_finite() -> None:
+    assert delong_covariance(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.5, 0.1]))[0][0] == 0.75
+    with pytest.raises(ValueError, match="at least 2 patches of each class"):
+        delong_covariance(np.array([1, 0, 0]), np.array([0.9, 0.5, 0.1]))
+    with pytest.raises(ValueError, match="at least 2 patches of each class"):
+        delong_covariance(np.array([1, 1, 0]), np.array([0.9, 0.5, 0.1]))
+    # p = 1 and p = 0 are clipped to 1 ∓ 1e-7 before the logit, so T still acts on them.
+    logit = math.log((1 - 1e-7) / 1e-7)
+    out = apply_temperature(np.array([1.0, 0.0]), 2.0)
+    np.testing.assert_allclose(out, [1 / (1 + math.exp(-logit / 2)), 1 / (1 + math.exp(logit / 2))], rtol=1e-12)
