@@ -26,7 +26,8 @@ ECE_BINS = 15
 NLL_EPS = 1e-7
 
 
-def _validate(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def validate_predictions(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as int64, P(class 1) as float64), or a ValueError that says what is wrong with them."""
     y = np.asarray(labels)
     p = np.asarray(probs)
     if y.ndim != 1 or p.ndim != 1:
@@ -55,7 +56,7 @@ def _validate(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def sensitivity_at_specificity(labels: np.ndarray, probs: np.ndarray, specificity: float = 0.95) -> float:
     """Highest TPR over the ROC operating points (thresholds `p >= t`) with TNR >= `specificity`."""
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     # drop_intermediate=False: the best admissible point can sit mid-way along a straight ROC
     # segment (e.g. tied scores), and sklearn would drop it as "intermediate".
     fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
@@ -72,7 +73,7 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray,
     pred = p >= 0.5, conf = max(p, 1 - p) ∈ [0.5, 1]. Bin edges are `np.linspace(0, 1, n_bins + 1)`
     and bins are left-open, (lo, hi]: a confidence lying exactly on an edge goes to the lower bin,
     conf = 1 goes to the last bin. With conf >= 0.5 the bins below 0.5 are always empty."""
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     pred = (p >= 0.5).astype(np.int64)
     conf = np.where(pred == 1, p, 1.0 - p)
     correct = (pred == y).astype(np.float64)
@@ -95,19 +96,19 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
 
 
 def brier(labels: np.ndarray, probs: np.ndarray) -> float:
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     return float(np.mean((p - y) ** 2))
 
 
 def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
     """Accuracy of the decision p >= 0.5."""
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     return float(np.mean((p >= 0.5) == (y == 1)))
 
 
 def nll(labels: np.ndarray, probs: np.ndarray) -> float:
     """Binary cross-entropy with probabilities clipped to [NLL_EPS, 1 - NLL_EPS]."""
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     pc = np.clip(p, NLL_EPS, 1.0 - NLL_EPS)
     return float(-np.mean(y * np.log(pc) + (1 - y) * np.log1p(-pc)))
 
@@ -132,7 +133,7 @@ class Ranked:
 
     @classmethod
     def of(cls, labels: np.ndarray, probs: np.ndarray) -> Ranked:
-        y, p = _validate(labels, probs)
+        y, p = validate_predictions(labels, probs)
         order = np.argsort(-p, kind="stable")
         ps = p[order]
         starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
@@ -264,8 +265,8 @@ class Metric:
 # The registry: every metric pcamx reports, in table order. Adding one here adds it to metrics.json, its
 # confidence interval and paired test, the printed and sweep tables, W&B, and the checkpoint-selection choices.
 METRICS: tuple[Metric, ...] = (
-    Metric("auroc", "AUROC", "max", lambda y, p: float(roc_auc_score(*_validate(y, p))), weighted_auroc),
-    Metric("auprc", "AUPRC", "max", lambda y, p: float(average_precision_score(*_validate(y, p))),
+    Metric("auroc", "AUROC", "max", lambda y, p: float(roc_auc_score(*validate_predictions(y, p))), weighted_auroc),
+    Metric("auprc", "AUPRC", "max", lambda y, p: float(average_precision_score(*validate_predictions(y, p))),
            weighted_auprc),
     Metric("sens_at_95spec", "Sens @95%Spec", "max", lambda y, p: sensitivity_at_specificity(y, p, 0.95),
            lambda t: weighted_sensitivity(t, 0.95), aliases=("sens95",)),
@@ -288,7 +289,7 @@ SELECT_METRICS: dict[str, str] = {
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Every registered metric from labels in {0,1} and P(class 1)."""
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     return {m.name: m.compute(y, p) for m in METRICS}
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from pcamx.metrics import METRICS, Ranked, Tally, _validate, binary_metrics
+from pcamx.metrics import METRICS, Ranked, Tally, binary_metrics, validate_predictions
 
 LEVEL = 0.95
 # Draws per chunk: (chunk, n) float64 weights, 128 × 32,768 × 8 B = 32 MB for the full PCam test split.
@@ -116,7 +116,7 @@ def confidence_intervals(labels: np.ndarray, probs: np.ndarray, slides: np.ndarr
     the slide bootstrap, `ci_slides`. Nothing when `draws` is 0."""
     if draws <= 0:
         return {}
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     slides = check_slides(slides, len(y))
     (values,) = _draw_metrics([Ranked.of(y, p)], y, slides, draws, seed)
     return _interval_block(values, slides, draws)
@@ -128,8 +128,8 @@ def paired_comparison(labels: np.ndarray, probs: np.ndarray, reference_probs: np
     """(the model's intervals as `confidence_intervals` gives them, the paired comparison): metric →
     {"diff": model − reference, "ci95": [lo, hi] of the paired bootstrap}, AUROC also with `p_delong`. Both
     come from the same resamples. Without draws: no intervals, only the differences and DeLong's p."""
-    y, p = _validate(labels, probs)
-    _, q = _validate(labels, reference_probs)
+    y, p = validate_predictions(labels, probs)
+    _, q = validate_predictions(labels, reference_probs)
     slides = check_slides(slides, len(y))
     model, ref = binary_metrics(y, p), binary_metrics(y, q)
     paired: dict[str, Any] = {m.name: {"diff": model[m.name] - ref[m.name]} for m in METRICS}
@@ -209,7 +209,7 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
     probability is treated as the model's logit."""
     import torch
 
-    y, p = _validate(labels, probs)
+    y, p = validate_predictions(labels, probs)
     z = torch.as_tensor(_logits(p))
     t = torch.as_tensor(y, dtype=torch.float64)
     u = torch.zeros((), dtype=torch.float64, requires_grad=True)
