@@ -92,6 +92,7 @@ def expected_params(base: int, heads_kept: list[int], widths: list[int]) -> int:
         ([5, 0, 0], 1.0, [0, 1, 2]),
         ([7], 0.5, [0]),  # a layer of one unit keeps it
         ([0.25, 0.25, 0.25, 0.25], 0.5, [0, 1]),  # total exactly 1: only an all-zero total keeps one unit
+        ([1.0, 2e-8], 1 - 1e-8, [0, 1]),  # summed in float64: in float32, 1 + 2e-8 is 1 and one unit looks enough
     ],
 )
 def test_keep_by_energy(energies, tau, kept):
@@ -501,3 +502,15 @@ def test_kept_fraction_is_the_kept_share_of_the_energy():
     assert kept_fraction(energies, torch.arange(4)) == 1.0
     assert kept_fraction(torch.zeros(3), torch.tensor([1])) == 1.0  # nothing to lose
     assert kept_fraction(torch.tensor([1e-30, 3e-30]), torch.tensor([1])) == pytest.approx(0.75)
+
+
+def test_slicing_keeps_a_frozen_weight_frozen() -> None:
+    # Head-only and LoRA runs compress a backbone whose weights do not train; pruning must not unfreeze them.
+    from pcamx.compress.svd import keep_input_columns, keep_output_rows
+
+    linear = nn.Linear(4, 3)
+    linear.weight.requires_grad_(False)
+    keep_output_rows(linear, torch.tensor([0, 2]))
+    assert not linear.weight.requires_grad and linear.bias.requires_grad
+    keep_input_columns(linear, torch.tensor([1, 3]))
+    assert not linear.weight.requires_grad and linear.weight.shape == (2, 2)

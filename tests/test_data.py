@@ -85,11 +85,37 @@ def test_streaming_and_in_memory_serve_the_same_samples(small_pcam: Path, monkey
     assert y_shuf.sum() == y_mem.sum()
 
 
-def test_drop_last_and_batch_count(small_pcam: Path) -> None:
-    split = PCamSplit.load(small_pcam, "valid")
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_drop_last_and_batch_count(small_pcam: Path, in_memory: bool) -> None:
+    split = PCamSplit.load(small_pcam, "valid", in_memory=in_memory)
     assert [len(x) for x, _ in split.batches(50)] == [50, 50, 28]
     assert [len(x) for x, _ in split.batches(50, drop_last=True)] == [50, 50]
     assert split.num_batches(50) == 3 and split.num_batches(50, drop_last=True) == 2
+    assert [len(x) for x, _ in split.batches(64)] == [64, 64]  # no empty batch after an exact fit
+
+
+def test_defaults_read_everything_in_memory_in_order(small_pcam: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = pcam.SplitFiles.open(small_pcam, "valid")
+    assert files.n == SMALL_SIZES["valid"]  # no limit unless asked
+    split = PCamSplit.load(small_pcam, "valid")
+    assert split.images is not None and PCamSplit(files).images is not None  # in memory unless asked to stream
+    x, y = (torch.cat(parts) for parts in zip(*split.batches(50), strict=True))
+    assert torch.equal(x, split.images) and torch.equal(y, split.labels)  # unshuffled unless asked
+
+    def no_verify(self) -> None:
+        raise AssertionError("verify_images runs only when asked")
+
+    monkeypatch.setattr(pcam.SplitFiles, "verify_images", no_verify)
+    assert PCamSplit.load(small_pcam, "valid", in_memory=False).images is None
+    assert PCamSplit(files, in_memory=False).images is None
+
+
+def test_read_images_fills_the_given_buffer(small_pcam: Path) -> None:
+    files = pcam.SplitFiles.open(small_pcam, "valid")
+    buffer = np.zeros((5, 96, 96, 3), dtype=np.uint8)
+    assert files.read_images(3, 8, buffer) is buffer
+    with h5py.File(small_pcam / file_name("valid", "x")) as f:
+        assert np.array_equal(buffer, f["x"][3:8])
 
 
 def test_missing_file_names_file_and_download_command(small_pcam: Path, tmp_path: Path) -> None:

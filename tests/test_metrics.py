@@ -20,7 +20,12 @@ from pcamx.metrics import (
     expected_calibration_error,
     improves,
     is_better,
+    Ranked,
+    Tally,
+    _safe_div,
     sensitivity_at_specificity,
+    weighted_ece,
+    weighted_sensitivity,
 )
 
 
@@ -227,6 +232,8 @@ def test_improves_breaks_exact_ties_only_with_a_tiebreak():
     # Aliases work for both; a "min" main metric ties too.
     assert improves({**best, "auroc": 0.95}, best, "sens95", "auroc")
     assert improves({"nll": 0.30, "auroc": 0.91}, {"nll": 0.30, "auroc": 0.90}, "nll", "auroc")
+    assert improves({**best, "sens_at_95spec": 0.6}, best, "auroc", "sens95")  # an alias as the tiebreak
+    assert not improves(best, best, "auroc", "nll")  # tied on both: a "min" tiebreak keeps the earlier one
 
 
 # ---------------------------------------------------------------- cases that tell bin counts and thresholds apart
@@ -288,3 +295,38 @@ def test_nll_clipping_constant_is_pinned():
     # −ln(1e-7) = 16.11809565…: a saturated wrong prediction costs exactly that, whatever the dtype.
     m = binary_metrics(np.array([1, 0]), np.array([0.0, 0.5]))
     assert m["nll"] == pytest.approx((16.11809565095832 + math.log(2)) / 2, rel=1e-12)
+
+
+def _unit_tally(y: np.ndarray, p: np.ndarray) -> Tally:
+    ranked = Ranked.of(y, p)
+    return Tally(ranked, np.ones((1, len(y))))
+
+
+@pytest.mark.parametrize("specificity,expected", [(0.99, 0.5), (0.95, 0.5), (0.90, 0.6)])
+def test_weighted_sensitivity_at_other_specificities_on_hand_counted_roc_points(specificity, expected):
+    t = _unit_tally(*_sens_spec_case())
+    assert weighted_sensitivity(t, specificity)[0] == pytest.approx(expected)
+    assert weighted_sensitivity(t)[0] == pytest.approx(0.5)  # 95% unless asked
+
+
+def test_weighted_ece_uses_the_asked_bin_count(miscalibrated):
+    y, p = miscalibrated
+    t = _unit_tally(y, p)
+    assert weighted_ece(t, 10)[0] == pytest.approx(_naive_ece(y, p, 10), abs=1e-12)
+    assert weighted_ece(t)[0] == pytest.approx(_naive_ece(y, p, 15), abs=1e-12)
+
+
+def test_a_confidence_on_a_bin_edge_belongs_to_the_lower_bin():
+    # 4 bins (0, .25], (.25, .5], (.5, .75], (.75, 1]: confidence 0.75 (right) sits alone in the third,
+    # 0.9 (wrong) in the fourth: (|1 − 0.75| + |0 − 0.9|) / 2; one bin for both would give |0.5 − 0.825|.
+    y, p = np.array([1, 0]), np.array([0.75, 0.9])
+    assert expected_calibration_error(y, p, n_bins=4) == pytest.approx((0.25 + 0.9) / 2, abs=1e-12)
+    assert weighted_ece(_unit_tally(y, p), 4)[0] == pytest.approx((0.25 + 0.9) / 2, abs=1e-12)
+
+
+def test_safe_div_is_zero_where_the_divisor_is_and_broadcasts():
+    np.full(64, 7.0).sum()  # leave non-zero bytes in memory that a fresh, unfilled array could reuse
+    assert _safe_div(np.array([1.0, 2.0, 3.0]), np.array([0.0, 4.0, 0.0])).tolist() == [0.0, 0.5, 0.0]
+    out = _safe_div(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([2.0, 0.0]))
+    assert out.tolist() == [[0.5, 0.0], [1.5, 0.0]]
+    assert _safe_div(np.array([2.0]), np.array([[1.0], [0.0]])).tolist() == [[2.0], [0.0]]

@@ -321,3 +321,5 @@ def test_quantization_labels_and_plain_values() -> None:
     assert format_value("gflops", 0.1) == "0.10" and format_value("gflops", 0.0012) == "0.0012"
     assert format_value("gflops", 0.0) == "0.00" and format_value("memory_mb", 1.0) == "1.0"
     assert format_value("params", 1_234_567_000) == "1234.57M"
+    assert format_value("params", 1_125_001) == "1.13M"  # millions exactly, rounded half up here
+    assert format_value("lr", 0.1 + 0.2) == "0.3" and format_value("n_test", 1_234_567) == "1234567"

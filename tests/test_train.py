@@ -68,6 +68,14 @@ def test_validation_loss_is_the_label_smoothed_cross_entropy() -> None:
         assert smoothed_ce_from_probs(labels, probs, smoothing) == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_validation_loss_of_saturated_probabilities_is_clipped_not_infinite() -> None:
+    # Fully wrong and fully right at probability 0/1: log is taken of max(p, 1e-7), the metrics' NLL clip.
+    labels, probs = np.array([0, 1]), np.array([1.0, 1.0])
+    log_eps = np.log(1e-7)
+    by_hand = np.mean([(1 - 0.1) * -log_eps - 0.1 * (log_eps + 0) / 2, (1 - 0.1) * 0 - 0.1 * (log_eps + 0) / 2])
+    assert smoothed_ce_from_probs(labels, probs, 0.1) == pytest.approx(by_hand, rel=1e-12)
+
+
 def test_distillation_term_is_t_squared_kl_of_the_softened_distributions() -> None:
     student = torch.tensor([[2.0, -1.0], [0.5, 0.3]], dtype=torch.float64)
     teacher = torch.tensor([[1.0, 0.0], [-0.2, 0.9]], dtype=torch.float64)

@@ -20,6 +20,7 @@ from pcamx.data.transforms import (
     preprocess,
     random_dihedral,
     resize_normalize,
+    to_float,
 )
 from pcamx.evaluate import predict_batch, view_count
 from pcamx.model import PCamClassifier, architecture
@@ -41,6 +42,22 @@ def test_preprocess_matches_hf_image_processor(resolution: int) -> None:
     ours = preprocess(images, resolution)
     assert ours.shape == expected.shape == (4, 3, resolution, resolution)
     assert (ours - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("size", [(40, 56), (56, 40)])
+def test_a_non_square_input_is_resized_to_a_square_like_torchvision(size: tuple[int, int]) -> None:
+    # One side already at the resolution: only a check of both sides resizes it.
+    x = to_float(torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    expected = TF.normalize(TF.resize(x, [40, 40], interpolation=TF.InterpolationMode.BILINEAR, antialias=True),
+                            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    assert torch.allclose(resize_normalize(x, 40), expected, atol=1e-5)
+
+
+def test_to_float_scales_to_the_asked_dtype() -> None:
+    x = torch.tensor([[[[0, 51, 255]]]], dtype=torch.uint8)  # (1, 1, 1, 3) NHWC
+    out = to_float(x, torch.float64)
+    assert out.dtype == torch.float64 and out.shape == (1, 3, 1, 1)
+    assert out.flatten().tolist() == [0.0, 0.2, 1.0]
 
 
 def test_eight_views_are_eight_distinct_transforms() -> None:

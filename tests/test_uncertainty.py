@@ -210,6 +210,34 @@ def test_intervals_are_the_2_5_and_97_5_percentiles_of_every_draw() -> None:
         assert out["ci95"][name] == pytest.approx(np.quantile(v, [0.025, 0.975]).tolist(), abs=1e-15)
 
 
+def test_every_model_of_a_paired_draw_is_weighted_by_its_own_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two models that rank the patches differently, on the same resamples: each model's metrics on a draw
+    # must equal sklearn's on that draw's repeated patches (counts are drawn in the first model's order).
+    import pcamx.uncertainty as uncertainty
+
+    y, p = scores(60, 1.0, seed=21)
+    q = np.random.default_rng(22).random(60)
+    first = Ranked.of(y, p).order
+    drawn: list[np.ndarray] = []
+
+    def recording(*args, **kwargs) -> np.ndarray:
+        counts = resample_counts(*args, **kwargs)
+        drawn.append(counts)
+        return counts
+
+    monkeypatch.setattr(uncertainty, "resample_counts", recording)
+    values = _draw_metrics([Ranked.of(y, p), Ranked.of(y, q)], y, None, 3, seed=4)
+    (counts,) = drawn
+    for row in range(3):
+        per_patch = np.empty(60, dtype=int)
+        per_patch[first] = counts[row].astype(int)
+        idx = np.repeat(np.arange(60), per_patch)
+        for probs, got in ((p, values[0]), (q, values[1])):
+            truth = binary_metrics(y[idx], probs[idx])
+            for name in got:  # float32 counts: agreement to float32 precision
+                assert got[name][row] == pytest.approx(truth[name], abs=1e-6), (name, row)
+
+
 def test_slide_resampling_redraws_single_class_resamples() -> None:
     # One slide holds every positive: a resample without it has one class and must be drawn again.
     y = np.array([1] * 4 + [0] * 12)
