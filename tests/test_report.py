@@ -130,11 +130,17 @@ def test_summary_md_shows_varying_columns_and_a_constant_header(sweep: Path) -> 
     assert "6 runs: 4 ok, 1 failed, 1 missing" in md
     header, _, *rows = table_rows(md)
     # train.lr differs (set only by job 4); debug=fast and the context do not; method/quant/prune have
-    # their own columns.
-    assert header == ["Job", "train.lr", "Method", "Quantization", "Pruning/τ", "Parameters", "GFLOPs",
-                      "Memory (MB)", "AUROC", "AUPRC", "Sens @95%Spec", "ECE", "Brier", "Acc", "NLL", "Status"]
+    # their own columns; resolution always has one, constant or not.
+    assert header == ["Job", "train.lr", "Method", "Quantization", "Pruning/τ", "Resolution (px)", "Parameters",
+                      "GFLOPs", "Memory (MB)", "AUROC", "AUPRC", "Sens @95%Spec", "ECE", "Brier", "Acc", "NLL",
+                      "Pareto", "Status"]
     cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
     assert cells["0"]["Parameters"] == "21.60M" and cells["0"]["AUROC"] == "0.9540"
+    assert cells["0"]["Resolution (px)"] == "32" and cells["5"]["Resolution (px)"] == "—"
+    # Jobs 0, 2 and 3 tie at 4.61 GFLOPs and AUROC 0.9540 (none beats another); job 1 has the same GFLOPs and a
+    # lower AUROC; failed and missing runs are never marked.
+    assert {job: c["Pareto"] for job, c in cells.items()} == {"0": "◆", "1": "", "2": "◆", "3": "◆", "4": "", "5": ""}
+    assert "◆ Pareto-optimal" in md
     assert cells["1"]["Parameters"] == "20.08M (↓7.0%)"
     assert cells["1"]["AUROC"] == "0.9512 (↓0.3%)" and cells["1"]["GFLOPs"] == "4.61"  # no change: no arrow
     assert cells["1"]["Pruning/τ"] == "heads τ=0.89" and cells["1"]["train.lr"] == "—"

@@ -17,7 +17,7 @@ from typing import Any
 
 from pcamx.metrics import METRIC_NAMES
 from pcamx.report.format import VALUE_COLUMNS, format_change, format_interval, format_value, percent_change
-from pcamx.report.sweep import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, md_escape, shorten
+from pcamx.report.sweep import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, format_budget, md_escape, shorten
 
 COLUMNS = ("Method", "Quantization", *(header for _, header in VALUE_COLUMNS))
 ALIGN = ("---", "---", "---", *("---:",) * (len(VALUE_COLUMNS) - 1))
@@ -25,7 +25,7 @@ CHANGE_KEYS = ("params", "gflops", "memory_mb", "auroc")
 METHOD_ORDER = ("fullft", "lora", "head_only")
 UNCOMPRESSED_LABELS = {"fullft": "Full fine‑tune (FT)", "head_only": "Linear probe (head-only)"}
 COMPRESSED_LABELS = {"fullft": "Full FT", "lora": "LoRA", "head_only": "Head-only"}
-STEP_LABELS = {"heads": "heads", "mlp": "MLP", "svd": "SVD"}
+STEP_LABELS = {"heads": "heads", "mlp": "MLP", "svd": "SVD", "blocks": "blocks"}
 ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP = {"up_proj", "down_proj"}
 # Order of a model's rows: unquantized at f32, under autocast, then the quantized ones.
@@ -52,27 +52,34 @@ def lora_label(config: dict[str, Any]) -> str:
 
 
 def compression_plan(run: RunRecord) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """(steps in run order, their τ) from metrics.json's prune entry (τ keys are written in run order)."""
-    prune = run.prune
-    steps = tuple(k.removeprefix("tau_") for k, v in prune.items() if k.startswith("tau_") and v is not None)
-    return steps, tuple(float(prune[f"tau_{s}"]) for s in steps)
+    """(steps in run order, their τ) from the run's prune entry, any form (sweep.PrunePlan)."""
+    taus = run.plan.taus
+    return tuple(s for s, _ in taus), tuple(t for _, t in taus)
 
 
 def method_label(run: RunRecord, seen_plans: set) -> str:
+    """`LoRA (r=8; attn+MLP adapters)`, `Full FT + compression *(heads+MLP+SVD, τ=[0.89, 0.975, 0.975])*`;
+    a budget, criterion and scope join the plan where set: `*(heads+MLP+SVD, ≤60% GFLOPs, τ=0.931, activation)*`."""
     method = run.method or "?"
     if not run.compressed_model:
         if method == "lora":
             return lora_label(run.method_config)
         return UNCOMPRESSED_LABELS.get(method, method)
+    plan = run.plan
     steps, taus = compression_plan(run)
     name = f"{COMPRESSED_LABELS.get(method, method)} + compression"
-    if not steps:
+    if not steps and plan.budget is None and not plan.extras:
         return name
-    if (steps, taus) in seen_plans:
+    if plan in seen_plans:
         return f"{name} *(same τ)*"
-    seen_plans.add((steps, taus))
-    tau_text = f"{taus[0]:g}" if len(taus) == 1 else "[" + ", ".join(f"{t:g}" for t in taus) + "]"
-    return f"{name} *({'+'.join(STEP_LABELS.get(s, s) for s in steps)}, τ={tau_text})*"
+    seen_plans.add(plan)
+    parts = ["+".join(STEP_LABELS.get(s, s) for s in steps) or str(plan.method)]
+    parts += [format_budget(plan.budget)] if plan.budget is not None else []
+    if taus:
+        searched = plan.budget is not None and len(set(taus)) == 1  # the search's one τ for every step
+        parts.append("τ=" + (f"{taus[0]:g}" if len(taus) == 1 or searched
+                             else "[" + ", ".join(f"{t:g}" for t in taus) + "]"))
+    return f"{name} *({', '.join([*parts, *plan.extras])})*"
 
 
 def _precision_rank(run: RunRecord) -> int:
@@ -83,8 +90,10 @@ def _precision_rank(run: RunRecord) -> int:
 def _group_key(run: RunRecord) -> tuple:
     method = run.method or ""
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    plan = compression_plan(run) if run.compressed_model else ((), ())
-    return (run.compressed_model, rank, method, plan, run.data or "", run.resolution or 0, run.tta_views or 0)
+    plan = run.plan if run.compressed_model else None
+    # A plan sorts by its steps and τ, then by what else it says (criterion, scope, budget).
+    plan_key = (compression_plan(run), repr(plan)) if plan is not None else (((), ()), "")
+    return (run.compressed_model, rank, method, plan_key, run.data or "", run.resolution or 0, run.tta_views or 0)
 
 
 def order_rows(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:

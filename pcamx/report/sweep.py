@@ -12,7 +12,11 @@ Outputs (see `write_summary`):
                `reference.change_pct`), marked † where the paired 95% interval excludes 0; with `ci`, each
                metric with its 95% interval. Or the reference layout;
   roc.png      one ROC curve per ok run, labelled by the overrides that differ across the sweep;
-  calibration.png  one reliability curve per ok run.
+  calibration.png  one reliability curve per ok run;
+  frontier.png test AUROC against GFLOPs, one line per compression kind, the Pareto-optimal rows ringed
+               (pcamx.report.frontier; written when an ok run has both numbers).
+
+summary.md marks ◆ (and summary.csv's `pareto` says) the rows no other ok row beats in both test AUROC and GFLOPs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -42,6 +47,7 @@ from pcamx.report.format import (  # noqa: E402
     format_cell,
     format_interval,
     format_mean_sd,
+    is_number,
     quantization_label,
 )
 from pcamx.report.run_files import plot_reliability  # noqa: E402
@@ -51,13 +57,17 @@ METRICS_FILE = "metrics.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 PREDICTIONS_FILE = "predictions.csv"
-TAU_KEYS = ("tau_heads", "tau_mlp", "tau_svd")
-# Describe the run; shown in the header when constant across the sweep, as columns when not.
+PRUNE_STEPS = ("heads", "mlp", "svd")  # method=all's chain when neither metrics.json nor the config names one
+BUDGET_KEYS = ("target_ratio", "target_gflops", "target_params")
+DEFAULT_CRITERION, DEFAULT_SCOPE = "weight", "layer"
+# Describe the run; shown in the header when constant across the sweep, as columns when not. Resolution always
+# has a column of its own (GFLOPs depend on it), and is in the header too when constant.
 CONTEXT_KEYS = ("data", "model", "tta_views", "resolution", "n_test")
-# Overrides already shown by the Method / Quantization / Pruning/τ columns or the context fields.
+_OWN_COLUMN = {"resolution"}
+# Overrides already shown by the Method / Quantization / Pruning/τ / Resolution columns or the context fields.
 _DESCRIBED = re.compile(
-    r"^(method|quant|quant\.mode|prune|prune\.method|prune\.tau\w*|data|model|data\.resolution|eval\.tta(_views)?"
-    r"|eval\.precision)$")
+    r"^(method|quant|quant\.mode|prune|prune\.method|prune\.(tau|criterion|scope|target_\w+)(\.\w+)?|prune\.tau_\w+"
+    r"|data|model|data\.resolution|eval\.tta(_views)?|eval\.precision)$")
 # Scalars of metrics.json that are not numbers to compare but are still worth a CSV column.
 _SKIP_CSV = {"status", "error", "traceback", "run_dir", "prune", "reference", "val", "ci95", "calibration"}
 # Each descriptive field: its metrics.json key, then the config key that says it for a run without metrics.
@@ -120,8 +130,13 @@ class RunRecord:
 
     @property
     def prune(self) -> dict[str, Any]:
-        """{"method": ..., "tau_*": ...}; method "none" when not pruned, None when unknown."""
+        """metrics.json's `prune` entry (what ran), else the config's `prune` node (what was asked); method
+        "none" when not pruned, None when unknown. Read it through `prune_plan`: it has several forms."""
         return dict(self.metrics.get("prune") or self.config.get("prune") or {"method": None})
+
+    @property
+    def plan(self) -> PrunePlan:
+        return prune_plan(self.prune)
 
     @property
     def compressed_model(self) -> bool:
@@ -232,21 +247,101 @@ def collect_runs(dirs: Sequence[str | Path]) -> list[RunRecord]:
 # ---------------------------------------------------------------- the default table
 
 
-def format_pruning(prune: dict[str, Any]) -> str:
-    """`heads τ=0.89`, `all τ=0.9`, `all τ_heads=0.89 τ_mlp=0.975`: from metrics.json's resolved τ per step,
-    or from a config (a run without metrics), where a step without its own τ uses `tau`."""
+@dataclass(frozen=True)
+class PrunePlan:
+    """A run's compression, whichever form said it: metrics.json's `prune` entry (new: `steps`, `tau` per step,
+    `criterion`, `scope`, `budget`; old: `tau_heads`/`tau_mlp`/`tau_svd`) or the config's `prune` node (`tau` a
+    number, a {step: τ} mapping or null; `target_*`). Only what is known: τ found by a budget search is known
+    only once the run wrote it."""
+
+    method: str | None  # None: unknown; "none": not pruned
+    taus: tuple[tuple[str, float], ...] = ()  # (step, τ) in run order
+    criterion: str = DEFAULT_CRITERION
+    scope: str = DEFAULT_SCOPE
+    budget: tuple[str, float] | None = None  # (one of BUDGET_KEYS, its value)
+
+    @property
+    def pruned(self) -> bool:
+        return self.method not in (None, "none")
+
+    @property
+    def extras(self) -> list[str]:
+        """The criterion and the scope where they are not the defaults (weight, layer)."""
+        return [v for v, default in ((self.criterion, DEFAULT_CRITERION), (self.scope, DEFAULT_SCOPE)) if v != default]
+
+
+def _plan_steps(prune: dict[str, Any], method: str) -> list[str]:
+    if isinstance(prune.get("steps"), list):
+        return [str(s) for s in prune["steps"]]
+    if method != "all":
+        return [method]
+    if isinstance(prune.get("order"), list):
+        return [str(s) for s in prune["order"]]
+    written = [k.removeprefix("tau_") for k in prune if k.startswith("tau_")]  # old metrics: in run order
+    return written or list(PRUNE_STEPS)
+
+
+def _plan_budget(prune: dict[str, Any]) -> tuple[str, float] | None:
+    for source in (prune.get("budget") if isinstance(prune.get("budget"), dict) else {}, prune):
+        for key in BUDGET_KEYS:
+            if is_number(source.get(key)):
+                return key, float(source[key])
+    return None
+
+
+def prune_plan(prune: dict[str, Any]) -> PrunePlan:
+    """The PrunePlan of a `prune` entry or config node, any form (see PrunePlan)."""
     method = prune.get("method")
     if method in (None, "none"):
-        return "none" if method else "—"
-    steps = [k.removeprefix("tau_") for k in TAU_KEYS] if method == "all" else [method]
-    taus = {f"tau_{s}": prune.get(f"tau_{s}", None) if prune.get(f"tau_{s}") is not None else prune.get("tau")
-            for s in steps}
-    taus = {k: v for k, v in taus.items() if v is not None}
-    if not taus:
-        return str(method)
-    if len(set(taus.values())) == 1:
-        return f"{method} τ={next(iter(taus.values())):g}"
-    return f"{method} " + " ".join(f"τ_{k.removeprefix('tau_')}={v:g}" for k, v in taus.items())
+        return PrunePlan(method)
+    method = str(method)
+    budget = _plan_budget(prune)
+    tau = prune.get("tau")
+    per_step = tau if isinstance(tau, dict) else {}
+    steps = _plan_steps(prune, method)
+    taus: list[tuple[str, float]] = []
+    # With a budget the search decides τ: only a run's own record ("steps": metrics.json) knows it.
+    if budget is None or "steps" in prune:
+        for step in steps:
+            value = next((v for v in (per_step.get(step), prune.get(f"tau_{step}")) if v is not None), tau)
+            if is_number(value):
+                taus.append((step, float(value)))
+    return PrunePlan(method, tuple(taus), str(prune.get("criterion") or DEFAULT_CRITERION),
+                     str(prune.get("scope") or DEFAULT_SCOPE), budget)
+
+
+def format_budget(budget: tuple[str, float]) -> str:
+    """`≤60% GFLOPs`, `≤6 GFLOPs`, `≤15.0M params`."""
+    key, value = budget
+    if key == "target_ratio":
+        return f"≤{100 * value:g}% GFLOPs"
+    if key == "target_gflops":
+        return f"≤{value:g} GFLOPs"
+    millions = value / 1e6
+    return f"≤{millions:.1f}M params" if round(millions, 1) == millions else f"≤{millions:g}M params"
+
+
+def format_taus(taus: Sequence[tuple[str, float]]) -> str:
+    """`τ=0.9` when every step used one τ, else `τ_heads=0.89 τ_mlp=0.975`; "" when none is known."""
+    if len({v for _, v in taus}) == 1:
+        return f"τ={taus[0][1]:g}"
+    return " ".join(f"τ_{step}={v:g}" for step, v in taus)
+
+
+def format_pruning(prune: dict[str, Any]) -> str:
+    """The Pruning/τ cell, the same for every form that means the same (see PrunePlan): `heads τ=0.89`,
+    `all τ=0.9`, `all τ_heads=0.89 τ_mlp=0.975 τ_svd=0.975`, with a budget `all ≤60% GFLOPs (τ=0.931)`
+    (`≤6 GFLOPs`, `≤15.0M params`), then the criterion and scope when not weight and layer:
+    `heads τ=0.9 · activation · global`. `none` when not pruned, `—` when unknown."""
+    plan = prune_plan(prune)
+    if not plan.pruned:
+        return "none" if plan.method else "—"
+    taus = format_taus(plan.taus)
+    if plan.budget is not None:
+        head = f"{plan.method} {format_budget(plan.budget)}" + (f" ({taus})" if taus else "")
+    else:
+        head = f"{plan.method} {taus}" if taus else plan.method
+    return " · ".join([head, *plan.extras])
 
 
 def md_escape(text: Any) -> str:
@@ -265,14 +360,15 @@ def split_columns(runs: Sequence[RunRecord]) -> tuple[list[str], list[str], dict
     """(varying override keys, varying context keys, constant values for the header).
 
     Context values unknown for a run (n_test of a failed one) do not make a column vary; an override
-    that only some runs set does, since the others ran with the default."""
+    that only some runs set does, since the others ran with the default. Resolution, which has its own
+    column, is never a varying context key."""
     override_keys = sorted({k for r in runs for k in r.override_map if not _DESCRIBED.match(k)})
     constants: dict[str, Any] = {}
     varying_context = []
     for key in CONTEXT_KEYS:
         known = [getattr(r, key) for r in runs if getattr(r, key) is not None]
         if _varying(known):
-            varying_context.append(key)
+            varying_context += [] if key in _OWN_COLUMN else [key]
         elif known:
             constants[key] = known[0]
     varying_overrides = []
@@ -286,6 +382,7 @@ def split_columns(runs: Sequence[RunRecord]) -> tuple[list[str], list[str], dict
 
 
 SIGNIFICANT = "†"
+RESOLUTION_HEADER = "Resolution (px)"
 
 
 def group_by_seed(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
@@ -297,6 +394,39 @@ def group_by_seed(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
     return list(rows.values())
 
 
+PARETO = "◆"
+
+
+def row_mean(row: Sequence[RunRecord], key: str) -> float | None:
+    """The mean of metrics.json's `key` over a table row's runs that have it (a seed group's mean)."""
+    numbers = [r.metrics[key] for r in row if is_number(r.metrics.get(key))]
+    return math.fsum(numbers) / len(numbers) if numbers else None
+
+
+def pareto_optimal(points: Sequence[tuple[float, float] | None]) -> list[bool]:
+    """For each (AUROC, GFLOPs) point, whether no other point has AUROC ≥ and GFLOPs ≤ with one of them
+    strictly better. None (a failed row, or one without both numbers) is never optimal and beats nothing;
+    equal points do not beat each other, so ties are all optimal."""
+    def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+    known = [p for p in points if p is not None]
+    return [p is not None and not any(beats(q, p) for q in known) for p in points]
+
+
+def row_point(row: Sequence[RunRecord]) -> tuple[float, float] | None:
+    """(test AUROC, GFLOPs) of an ok row, seed groups by their means; None when it has not both."""
+    if not row[0].ok:
+        return None
+    auroc, gflops = row_mean(row, "auroc"), row_mean(row, "gflops")
+    return None if auroc is None or gflops is None else (auroc, gflops)
+
+
+def pareto_rows(rows: Sequence[Sequence[RunRecord]]) -> list[bool]:
+    """Which table rows (group_by_seed) are Pareto-optimal in (test AUROC higher, GFLOPs lower)."""
+    return pareto_optimal([row_point(row) for row in rows])
+
+
 def value_cell(run: RunRecord, key: str, ci: bool) -> str:
     text = format_cell(key, run.metrics.get(key), run.change_pct.get(key))
     if key in METRIC_NAMES and run.significant(key):
@@ -306,11 +436,9 @@ def value_cell(run: RunRecord, key: str, ci: bool) -> str:
     return text
 
 
-def markdown_table(runs: Sequence[RunRecord], ci: bool = False) -> str:
-    """summary.md: a header with what is constant, then one row per run or per group of seeds."""
-    varying_overrides, varying_context, constants = split_columns(runs)
-    rows = group_by_seed(runs)
-    repeats = any(len(row) > 1 for row in rows)
+def _table_notes(runs: Sequence[RunRecord], constants: dict[str, Any], ci: bool, repeats: bool,
+                 pareto: bool) -> list[str]:
+    """The lines above summary.md's table: what the data is, the counts, what is constant, each mark's meaning."""
     counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "interrupted", "missing")}
     lines = ["# Sweep summary", ""]
     if any(r.data == "synthetic" for r in runs):
@@ -327,21 +455,37 @@ def markdown_table(runs: Sequence[RunRecord], ci: bool = False) -> str:
         lines += ["[lo, hi]: 95% bootstrap interval of the test metric (metrics.json → ci95, ci_method).", ""]
     if repeats:
         lines += ["Runs that differ only in seed share a row: mean ± sample sd over its n runs.", ""]
+    if pareto:
+        lines += [f"{PARETO} Pareto-optimal: no other ok row has a test AUROC as high and GFLOPs as low with one of "
+                  "them strictly better (seed rows by their means); GFLOPs are at each row's resolution. "
+                  "frontier.png plots AUROC against GFLOPs.", ""]
+    return lines
+
+
+def markdown_table(runs: Sequence[RunRecord], ci: bool = False) -> str:
+    """summary.md: a header with what is constant, then one row per run or per group of seeds."""
+    varying_overrides, varying_context, constants = split_columns(runs)
+    rows = group_by_seed(runs)
+    repeats = any(len(row) > 1 for row in rows)
+    optimal = pareto_rows(rows)
+    lines = _table_notes(runs, constants, ci, repeats, any(optimal))
     show_status = any(not r.ok for r in runs)
-    header = ["Job", *varying_overrides, *varying_context, "Method", "Quantization", "Pruning/τ",
-              *(h for _, h in VALUE_COLUMNS)] + (["n"] if repeats else []) + (["Status"] if show_status else [])
+    header = ["Job", *varying_overrides, *varying_context, "Method", "Quantization", "Pruning/τ", RESOLUTION_HEADER,
+              *(h for _, h in VALUE_COLUMNS)] + (["Pareto"] if any(optimal) else []) + (["n"] if repeats else []) \
+        + (["Status"] if show_status else [])
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(" --- " for _ in header) + "|")
-    for row in rows:
+    for row, is_optimal in zip(rows, optimal, strict=True):
         run = row[0]
         cells = [",".join(r.job for r in row),
                  *(",".join(dict.fromkeys(_plain(r.override_map.get(k)) for r in row)) for k in varying_overrides),
                  *(_plain(getattr(run, k)) for k in varying_context),
-                 _plain(run.method), run.quantization, format_pruning(run.prune)]
+                 _plain(run.method), run.quantization, format_pruning(run.prune), _plain(run.resolution)]
         if len(row) > 1:
             cells += [format_mean_sd(key, [r.metrics.get(key) for r in row]) for key, _ in VALUE_COLUMNS]
         else:
             cells += [value_cell(run, key, ci) for key, _ in VALUE_COLUMNS]
+        cells += [PARETO if is_optimal else ""] if any(optimal) else []
         cells += [str(len(row))] if repeats else []
         if show_status:
             cells.append(run.status if run.ok else f"{run.status}: {shorten(run.error or '')}")
@@ -352,27 +496,50 @@ def markdown_table(runs: Sequence[RunRecord], ci: bool = False) -> str:
 # ---------------------------------------------------------------- csv
 
 
+def prune_csv(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
+    """summary.csv's compression columns: method, τ per step (tau_heads, tau_mlp, tau_svd, then any other step
+    a run has), criterion, scope, budget (prune_target_*) and what a budget search achieved (prune_achieved_*)."""
+    plans = [r.plan for r in runs]
+    steps = [*PRUNE_STEPS, *dict.fromkeys(s for p in plans for s, _ in p.taus if s not in PRUNE_STEPS)]
+    achieved = ("gflops_ratio", "params_ratio")
+    columns = ["prune_method", *(f"tau_{s}" for s in steps), "prune_criterion", "prune_scope",
+               *(f"prune_{k}" for k in BUDGET_KEYS), *(f"prune_achieved_{k}" for k in achieved)]
+    rows = []
+    for run, plan in zip(runs, plans, strict=True):
+        found = run.prune.get("achieved") if isinstance(run.prune.get("achieved"), dict) else {}
+        rows.append({"prune_method": plan.method, **{f"tau_{s}": dict(plan.taus).get(s) for s in steps},
+                     "prune_criterion": plan.criterion if plan.pruned else None,
+                     "prune_scope": plan.scope if plan.pruned else None,
+                     **{f"prune_{k}": plan.budget[1] if plan.budget and plan.budget[0] == k else None
+                        for k in BUDGET_KEYS},
+                     **{f"prune_achieved_{k}": found.get(k) for k in achieved}})
+    return columns, rows
+
+
 def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of summary.csv: raw values only, `None` where a run has none."""
+    """(columns, rows) of summary.csv: raw values only, `None` where a run has none. `pareto`: the run's
+    summary.md row is marked Pareto-optimal (a seed group by its means)."""
     override_keys = sorted({k for r in runs for k in r.override_map})
     values = [key for key, _ in VALUE_COLUMNS]
     described = ["n_test", "tta", "tta_views", "resolution", "eval_precision"]
     extras = sorted({k for r in runs for k, v in r.metrics.items() if not isinstance(v, dict | list)}
-                    - _SKIP_CSV - set(values) - set(described) - {"data", "model", "method", "quant"})
+                    - _SKIP_CSV - set(values) - set(described) - {"data", "model", "method", "quant", "pareto"})
     intervals = [f"{k}.ci95_{end}" for k in METRIC_NAMES for end in ("lo", "hi")]
     paired = [*(f"reference.paired.{k}.diff" for k in METRIC_NAMES), "reference.paired.auroc.p_delong"]
+    prune_columns, prune_values = prune_csv(runs)
+    rows_of = group_by_seed(runs)
+    optimal = {id(r): flag for row, flag in zip(rows_of, pareto_rows(rows_of), strict=True) for r in row}
     columns = ["job", "status", "error", "run_dir", "overrides", *(f"override.{k}" for k in override_keys),
-               "method", "model", "data", "quant", "prune_method", *TAU_KEYS, *values, *intervals, *described,
+               "method", "model", "data", "quant", *prune_columns, *values, "pareto", *intervals, *described,
                *extras, *(f"reference.{k}" for k in values), *paired]
     rows = []
-    for run in runs:
+    for run, prune in zip(runs, prune_values, strict=True):
         reference = run.metrics.get("reference") or {}
         rows.append({
             "job": run.job, "status": run.status, "error": run.error, "run_dir": str(run.run_dir),
             "overrides": " ".join(run.overrides), **{f"override.{k}": run.override_map.get(k) for k in override_keys},
-            "method": run.method, "model": run.model, "data": run.data, "quant": run.quant,
-            "prune_method": run.prune.get("method"), **{k: run.prune.get(k) for k in TAU_KEYS},
-            **{k: run.metrics.get(k) for k in (*values, *extras)}, "n_test": run.n_test,
+            "method": run.method, "model": run.model, "data": run.data, "quant": run.quant, **prune,
+            **{k: run.metrics.get(k) for k in (*values, *extras)}, "pareto": optimal[id(run)], "n_test": run.n_test,
             "tta": run.metrics.get("tta"), "tta_views": run.tta_views, "resolution": run.resolution,
             "eval_precision": run.eval_precision, **{f"reference.{k}": reference.get(k) for k in values},
             **{f"{k}.ci95_{end}": (run.ci95.get(k) or [None, None])[i] for k in METRIC_NAMES
@@ -456,11 +623,13 @@ STYLES = ("default", "reference")
 
 def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "default",
                   baseline: str | Path | None = None, ci: bool | None = None) -> dict[str, Path]:
-    """Write summary.csv, summary.md, roc.png and calibration.png into `out_dir`; returns their paths by kind.
+    """Write summary.csv, summary.md, roc.png, calibration.png and, when an ok run has GFLOPs and AUROC,
+    frontier.png into `out_dir`; returns their paths by kind (csv, md, roc, calibration, frontier).
 
     style: "default" (every run, changes against each run's own uncompressed model) or "reference" (the
     reference table's layout, changes against one `baseline` run; see pcamx.report.reference_table).
     ci: each metric with its 95% interval in summary.md; None = the style's default (on for reference)."""
+    from pcamx.report.frontier import FRONTIER_FILE, plot_frontier
     from pcamx.report.reference_table import pick_baseline, reference_table
 
     out_dir = Path(out_dir)
@@ -475,13 +644,19 @@ def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "
         md = reference_table(runs, pick_baseline(runs, baseline), ci=True if ci is None else ci)
     else:
         md = markdown_table(runs, ci=bool(ci))
-    return {
+    paths = {
         "csv": io.write_text(out_dir / "summary.csv", csv_text(runs)),
         "md": io.write_text(out_dir / "summary.md", md),
         "roc": plot_sweep_roc(runs, out_dir / "roc.png"),
         "calibration": plot_reliability(out_dir / "calibration.png", run_predictions(runs),
                                         _sweep_title(runs, "Sweep reliability")),
     }
+    frontier = plot_frontier(runs, out_dir / FRONTIER_FILE)
+    if frontier is not None:
+        paths["frontier"] = frontier
+    else:
+        (out_dir / FRONTIER_FILE).unlink(missing_ok=True)  # an earlier table's figure would not match this one
+    return paths
 
 
 def summarize(dirs: Sequence[str | Path], out_dir: str | Path, style: str = "default",
