@@ -56,6 +56,7 @@ class PruneMethod(StrEnum):
     heads = "heads"
     mlp = "mlp"
     svd = "svd"
+    blocks = "blocks"
     all = "all"
 
 
@@ -63,6 +64,13 @@ class PruneStep(StrEnum):
     heads = "heads"
     mlp = "mlp"
     svd = "svd"
+    blocks = "blocks"
+
+
+class PruneCriterion(StrEnum):
+    weight = "weight"
+    activation = "activation"
+    taylor = "taylor"
 
 
 class QuantMode(StrEnum):
@@ -167,12 +175,15 @@ class FullFTConfig(MethodConfig):
 @dataclass
 class PruneConfig:
     method: PruneMethod = MISSING
-    tau: float | None = MISSING
-    tau_heads: float | None = MISSING
-    tau_mlp: float | None = MISSING
-    tau_svd: float | None = MISSING
+    tau: Any = MISSING  # one τ for every step, or a mapping {step: τ}
     order: list[PruneStep] = MISSING
     svd_targets: Any = MISSING  # a list of linear names, or "all"
+    criterion: PruneCriterion = MISSING
+    scope: str = MISSING  # layer | global (checked by compress.plan: `global` cannot be an enum member name)
+    calib_batches: int = MISSING
+    target_ratio: float | None = MISSING
+    target_gflops: float | None = MISSING
+    target_params: float | None = MISSING
     heal_epochs: int = MISSING
 
 

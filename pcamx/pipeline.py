@@ -23,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pcamx import interrupts, io
 from pcamx.checkpoint import COMPRESSED_DIR, RESUME_FILE, load_checkpoint
-from pcamx.compress.chain import compress, plan
+from pcamx.compress.budget import compress_to_budget
+from pcamx.compress.chain import PrunePlan, plan, run_plan
 from pcamx.compress.spec import save_compressed
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.synthetic import ensure_synthetic, is_synthetic
-from pcamx.data.transforms import ColorJitter
+from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluate import evaluate, view_count
 from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
 from pcamx.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
@@ -123,7 +124,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trained = train_stage(run, model, origin)
     # The uncompressed f32 model: the reference of a compressed/quantized row, and the healing teacher.
     reference = copy.deepcopy(model) if run.cfg.prune.method != "none" or run.cfg.quant.mode != "none" else None
-    compressed = compress_stage(run, model, reference, origin, trained["train_steps"])
+    model, compressed = compress_stage(run, model, reference, origin, trained["train_steps"])
     model, figures = quantize_stage(run, model)
     labels, probs, evaluated = evaluate_stage(run, model, reference, figures)
     calibrated, calibration = calibrate_stage(run, model, labels, probs)
@@ -178,23 +179,42 @@ def train_stage(run: Run, model: torch.nn.Module, origin: Origin) -> dict[str, A
 
 
 def compress_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module | None, origin: Origin,
-                   trained_steps: int) -> dict[str, Any]:
-    """Compress in place, heal if asked, save the compressed checkpoint."""
-    p = run.cfg.prune
-    if p.method == "none":
-        return {"prune": {"method": "none"}}
-    taus, targets = compression_plan(p)
-    out: dict[str, Any] = {
-        "prune": {"method": p.method, **{f"tau_{k}": v for k, v in taus.items()}, "svd_targets": list(targets)},
-        "compression": compress(model, p.method, p.tau, p.tau_heads, p.tau_mlp, p.tau_svd, p.order, p.svd_targets),
-    }
-    if p.heal_epochs > 0:
+                   trained_steps: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Compress (to the τ given, or to the budget), heal if asked, save the compressed checkpoint."""
+    cfg = run.cfg
+    if cfg.prune.method == "none":
+        return model, {"prune": {"method": "none"}}
+    p = compression_plan(cfg.prune)
+    calibration = calibration_batches(run, p)
+    described = {"method": str(cfg.prune.method), **p.describe()}
+    if p.budget is None:
+        report = run_plan(model, p, calibration)
+    else:
+        model, report, found = compress_to_budget(model, p, lambda m: cost(m, cfg.data.resolution), calibration)
+        described |= found
+    out: dict[str, Any] = {"prune": described, "compression": report}
+    if cfg.prune.heal_epochs > 0:
         out |= heal(model, reference, run.data.train, run.data.valid, run.data.test, run.config, run.device,
                     run.tracker, origin.method, step_offset=trained_steps)
     save_compressed(model, run.run_dir / COMPRESSED_DIR,
-                    extra={"model_name": run.cfg.model.name, "method": origin.method,
+                    extra={"model_name": cfg.model.name, "method": origin.method,
                            "method_config": origin.method_config, "prune": out["prune"]})
-    return out
+    return model, out
+
+
+def calibration_batches(run: Run, p: PrunePlan) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The first `prune.calib_batches` training batches (seeded shuffle, no augmentation), preprocessed on
+    the device: what data-aware criteria and block scores are computed on."""
+    if not p.needs_calibration:
+        return None
+    cfg = run.cfg
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = []
+    for images, labels in run.data.train.batches(cfg.data.batch_size, shuffle=True, generator=generator):
+        batches.append((preprocess(images.to(run.device), cfg.data.resolution), labels.to(run.device)))
+        if len(batches) == p.calib_batches:
+            break
+    return batches
 
 
 def quantize_stage(run: Run, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, float]]:
@@ -363,8 +383,10 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         raise ValueError(f"prune.heal_epochs must be >= 0, got {cfg.prune.heal_epochs}")
 
 
-def compression_plan(pcfg: DictConfig) -> tuple[dict[str, float], tuple[str, ...]]:
-    return plan(pcfg.method, pcfg.tau, pcfg.tau_heads, pcfg.tau_mlp, pcfg.tau_svd, pcfg.order, pcfg.svd_targets)
+def compression_plan(pcfg: DictConfig) -> PrunePlan:
+    tau = OmegaConf.to_container(pcfg.tau) if isinstance(pcfg.tau, DictConfig) else pcfg.tau
+    return plan(str(pcfg.method), tau, [str(s) for s in pcfg.order], pcfg.svd_targets, str(pcfg.criterion),
+                str(pcfg.scope), pcfg.target_ratio, pcfg.target_gflops, pcfg.target_params, pcfg.calib_batches)
 
 
 def seed_everything(seed: int) -> None:
@@ -401,10 +423,14 @@ def wandb_names() -> dict[str, str]:
     return {"name": name, "group": f"{sweep.parent.name}/{sweep.name}"}
 
 
+def cost(model: torch.nn.Module, resolution: int) -> dict[str, float]:
+    """What a budget limits: parameters and forward GFLOPs at the run's resolution."""
+    return {"params": count_params(model), "gflops": gflops(model, resolution, device=next(model.parameters()).device)}
+
+
 def footprint(model: torch.nn.Module, resolution: int) -> dict[str, float]:
-    return {"params": count_params(model),
-            "gflops": round(gflops(model, resolution, device=next(model.parameters()).device), 4),
-            "memory_mb": round(memory_mb(model), 4)}
+    figures = cost(model, resolution)
+    return {"params": figures["params"], "gflops": round(figures["gflops"], 4), "memory_mb": round(memory_mb(model), 4)}
 
 
 def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precision: str) -> dict[str, float]:

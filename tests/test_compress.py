@@ -337,19 +337,26 @@ def test_svd_targets_are_validated():
 
 
 def test_unknown_method_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: none, heads, mlp, svd, all"):
+    with pytest.raises(ValueError, match="allowed: none, heads, mlp, svd, blocks, all"):
         compress(make_model(), "prune", 0.5)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="all", tau=0.5, tau_svd=1.5), r"tau_svd must be a number in \(0, 1\]"),
+        (dict(method="all", tau={"heads": 0.5, "mlp": 0.5, "svd": 1.5}), r"tau.svd must be a number in \(0, 1\]"),
         (dict(method="heads", tau=float("nan")), r"tau must be a number in \(0, 1\]"),
-        (dict(method="mlp", tau=None), "needs tau"),
-        (dict(method="heads", tau=0.5, tau_svd=0), r"tau_svd must be"),  # checked even when unused
+        (dict(method="mlp", tau=None), r"need a τ"),
+        (dict(method="all", tau={"heads": 0.5}), r"\['mlp', 'svd'\] need a τ"),
+        (dict(method="heads", tau={"heads": 0.5, "svd": 0}), r"tau.svd must be"),  # checked even when unused
+        (dict(method="heads", tau={"head": 0.5}), r"unknown steps \['head'\]"),
         (dict(method="none", tau=2.0), r"tau must be"),
-        (dict(method="all", tau=0.5, order=("heads", "svd")), "exactly once"),
+        (dict(method="all", tau=0.5, order=("heads", "svd", "heads")), "each at most once"),
+        (dict(method="all", tau=0.5, order=("heads", "depth")), "each at most once"),
+        (dict(method="heads", tau=0.5, criterion="magnitude"), "weight, activation, taylor"),
+        (dict(method="heads", tau=0.5, scope="model"), "layer, global"),
+        (dict(method="heads", tau=0.5, criterion="taylor"), "calib_batches >= 1"),
+        (dict(method="blocks", tau=0.5), "calib_batches >= 1"),
         (dict(method="all", tau=0.5, svd_targets=("gate",)), "unknown SVD targets"),
     ],
 )
@@ -362,15 +369,15 @@ def test_bad_arguments_fail_before_the_model_is_touched(kwargs, message):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
-def test_per_method_tau_overrides_the_common_one():
+def test_tau_per_step_as_a_mapping():
     model = make_model()
-    report = compress(model, "all", tau=1.0, tau_mlp=0.5)
+    report = compress(model, "all", tau={"heads": 1.0, "mlp": 0.5, "svd": 1.0})
     assert list(report) == ["heads", "mlp", "svd"]
     assert all(row["after"] == row["before"] for row in report["heads"])
     assert all(row["after"] < row["before"] for row in report["mlp"])
     assert compress(make_model(), "none", None) == {}
-    # tau_heads overrides tau for the heads alone; svd_targets limits what SVD factorizes.
-    report = compress(make_model(), "all", tau=1.0, tau_heads=0.5, svd_targets=("q_proj",))
+    # A τ for the heads alone; svd_targets limits what SVD factorizes.
+    report = compress(make_model(), "all", tau={"heads": 0.5, "mlp": 1.0, "svd": 1.0}, svd_targets=("q_proj",))
     assert all(row["after"] < row["before"] for row in report["heads"])
     assert all(row["after"] == row["before"] for row in report["mlp"])
     assert {row["layer"].rsplit(".", 1)[1] for row in report["svd"]} == {"q_proj"}
@@ -378,7 +385,7 @@ def test_per_method_tau_overrides_the_common_one():
 
 def test_chain_save_and_load_rebuild_the_exact_model(tmp_path):
     model = make_model()
-    report = compress(model, "all", tau=0.8, tau_svd=0.5, order=("svd", "heads", "mlp"))
+    report = compress(model, "all", tau={"heads": 0.8, "mlp": 0.8, "svd": 0.5}, order=("svd", "heads", "mlp"))
     assert list(report) == ["svd", "heads", "mlp"]
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     assert any(row["after"] < row["before"] for row in report["heads"])

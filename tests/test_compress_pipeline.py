@@ -16,7 +16,7 @@ from pcamx.compress.chain import plan
 from pcamx.metrics import METRIC_NAMES
 
 
-@pytest.mark.parametrize("override", ["prune.tau=1.5", "prune.tau=0", "prune.tau_mlp=-0.2"])
+@pytest.mark.parametrize("override", ["prune.tau=1.5", "prune.tau=0", "prune.tau={heads:0.9,mlp:-0.2,svd:0.9}"])
 def test_bad_tau_is_rejected_before_anything_runs(tmp_path: Path, override: str) -> None:
     # The data root does not exist: the τ error must come first, before any data is read.
     cfg = compose_config(*fast_overrides(tmp_path / "no-data", "prune=all", override))
@@ -30,8 +30,8 @@ def test_unknown_prune_method_errors() -> None:
         compose_config("prune=lottery")
     with pytest.raises(ConfigCompositionException) as err:  # the schema names the allowed values
         compose_config("prune.method=lottery")
-    assert "expected one of [none, heads, mlp, svd, all]" in str(err.value.__cause__)
-    with pytest.raises(ValueError, match="heads, mlp, svd, all"):  # the library checks too
+    assert "expected one of [none, heads, mlp, svd, blocks, all]" in str(err.value.__cause__)
+    with pytest.raises(ValueError, match="heads, mlp, svd, blocks, all"):  # the library checks too
         plan("lottery", 0.9)
 
 
@@ -46,7 +46,7 @@ def compressed_run(small_pcam: Path, tmp_path_factory) -> Path:
 
 def test_compressed_run_reports_reference_and_changes(compressed_run: Path) -> None:
     m = json.loads((compressed_run / "metrics.json").read_text())
-    assert m["prune"]["method"] == "all" and m["prune"]["tau_heads"] == 0.9
+    assert m["prune"]["method"] == "all" and m["prune"]["tau"] == {"heads": 0.9, "mlp": 0.9, "svd": 0.9}
     assert set(m["compression"]) == {"heads", "mlp", "svd"}
     ref = m["reference"]
     assert m["params"] < ref["params"] and m["gflops"] <= ref["gflops"]
@@ -119,3 +119,36 @@ def test_lora_heals_a_factorized_model(small_pcam: Path, tmp_path: Path) -> None
     m = pipeline.run(cfg, run_dir=tmp_path)
     assert any(row["replaced"] for row in m["compression"]["svd"])
     assert m["heal"]["history"] and m["status"] == "ok"
+
+
+def test_a_budget_run_with_data_aware_importance_whole_blocks_and_healing(small_pcam: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "budget"
+    cfg = compose_config(*fast_overrides(
+        small_pcam, "method=fullft", "prune=all", "prune.order=[blocks,heads,mlp,svd]", "prune.target_ratio=0.8",
+        "prune.criterion=taylor", "prune.scope=global", "prune.calib_batches=1", "prune.heal_epochs=1",
+        "eval.tta=false"))
+    m = pipeline.run(cfg, run_dir=run_dir)
+    p = m["prune"]
+    assert (p["budget"], p["criterion"], p["scope"], p["steps"]) == (
+        {"target_ratio": 0.8}, "taylor", "global", ["blocks", "heads", "mlp", "svd"])
+    assert p["achieved"]["gflops"] <= 0.8 * m["reference"]["gflops"] + 1e-4
+    assert m["gflops"] == pytest.approx(p["achieved"]["gflops"], abs=1e-4)  # the table's number is the budget's
+    assert len(set(p["tau"].values())) == 1 and 0 < p["tau"]["heads"] < 1
+    assert m["heal"]["epochs"] == 1
+
+    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={run_dir}", "eval.tta=false"))
+    reloaded = pipeline.run(cfg, run_dir=tmp_path / "reloaded")
+    assert reloaded["params"] == m["params"]
+    np.testing.assert_allclose(read_predictions(tmp_path / "reloaded" / "predictions.csv")[1],
+                               read_predictions(run_dir / "predictions.csv")[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prune=heads", "prune.criterion=activation", "prune.calib_batches=0"], "calib_batches >= 1"),
+    (["prune=all", "prune.scope=model"], "layer, global"),
+    (["prune=all", "prune.target_ratio=0.5", "prune.target_gflops=1"], "give one budget"),
+])
+def test_bad_compression_settings_fail_before_anything_runs(tmp_path: Path, overrides: list[str], message: str) -> None:
+    cfg = compose_config(*fast_overrides(tmp_path / "no-data", *overrides))
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(cfg, run_dir=tmp_path / "run")

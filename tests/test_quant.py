@@ -62,7 +62,7 @@ def test_bf16_runs_in_bf16_and_stays_close_to_f32():
 def test_int8_on_cpu_is_dynamic_and_stays_close_to_f32():
     pytest.importorskip("torchao")
     model = make_model()
-    compress(model, "all", 0.9, tau_svd=0.5)  # quantizing must also cover LowRankLinear's halves
+    compress(model, "all", {"heads": 0.9, "mlp": 0.9, "svd": 0.5})  # quantizing must also cover LowRankLinear's halves
     expected = probabilities(model)
     quantized = quantize(model, "int8", CPU)
     linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]

@@ -43,10 +43,10 @@ from pcamx.train import train_step
 
 EQUIVALENCE_ATOL = 1e-4
 COMPRESSED_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("heads", {"method": "heads", "tau_heads": 0.89}),
-    ("mlp", {"method": "mlp", "tau_mlp": 0.975}),
-    ("svd", {"method": "svd", "tau_svd": 0.975}),
-    ("all", {"method": "all", "tau_heads": 0.89, "tau_mlp": 0.975, "tau_svd": 0.975}),
+    ("heads", {"method": "heads", "tau": 0.89}),
+    ("mlp", {"method": "mlp", "tau": 0.975}),
+    ("svd", {"method": "svd", "tau": 0.975}),
+    ("all", {"method": "all", "tau": {"heads": 0.89, "mlp": 0.975, "svd": 0.975}}),
 )
 
 
@@ -427,7 +427,7 @@ def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     for name, spec in COMPRESSED_VARIANTS:
         model, spec = copy.deepcopy(base), dict(spec)
         start = time.perf_counter()
-        compress(model, spec.pop("method"), None, **spec)
+        compress(model, spec.pop("method"), **spec)
         run(name, model, precision="fp32", taus=spec, compress_s=time.perf_counter() - start)
     for mode in ("bf16", "int8"):
         model = copy.deepcopy(base)

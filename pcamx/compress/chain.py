@@ -1,71 +1,187 @@
-"""One entry point that runs the chosen compressions in order, after checking every argument."""
+"""The compression steps, the plan that checks every setting before the model is touched, and the chain that
+runs the steps in order.
+
+`STEPS` is the one place that says what each step removes: a unit kind (`units.UnitKind`: groups, weight
+score, surgery; scored by `importance.CRITERIA`, allocated by `units.allocate`) or, for `svd`, the rank rule
+of `svd.truncated_svd`. Adding a unit kind is one entry here plus its module; adding a criterion is one entry
+in `importance.CRITERIA`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from numbers import Real
+from typing import Any
 
 from torch import nn
 
+from pcamx.compress.blocks import BLOCKS
 from pcamx.compress.energy import validate_tau
-from pcamx.compress.heads import prune_attention_heads
-from pcamx.compress.mlp import prune_mlp_neurons
+from pcamx.compress.heads import HEADS
+from pcamx.compress.importance import CalibBatch, unit_scores, validate_criterion
+from pcamx.compress.mlp import MLP
 from pcamx.compress.svd import SVD_TARGETS, resolve_targets, truncated_svd
+from pcamx.compress.units import UnitKind, prune_units, validate_scope
 
-STEPS = ("heads", "mlp", "svd")
+SVD = "svd"
+STEPS: dict[str, UnitKind | None] = {"heads": HEADS, "mlp": MLP, SVD: None, "blocks": BLOCKS}
+DEFAULT_ORDER = ("heads", "mlp", SVD)
 METHODS = ("none", *STEPS, "all")
+TARGETS = ("target_ratio", "target_gflops", "target_params")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most `value` of `measure` (gflops | params), absolute or, with `relative`, as a fraction of the
+    uncompressed model's."""
+
+    key: str  # the prune.* key it came from: target_ratio | target_gflops | target_params
+    value: float
+
+    @property
+    def measure(self) -> str:
+        return "params" if self.key == "target_params" else "gflops"
+
+    @property
+    def relative(self) -> bool:
+        return self.key == "target_ratio"
+
+    def limit(self, uncompressed: Mapping[str, float]) -> float:
+        return self.value * uncompressed[self.measure] if self.relative else self.value
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """A checked compression request: the steps in run order and the τ of each (None while a budget
+    search has still to find it)."""
+
+    steps: tuple[str, ...] = ()
+    tau: dict[str, float | None] = field(default_factory=dict)
+    svd_targets: tuple[str, ...] = ()
+    criterion: str = "weight"
+    scope: str = "layer"
+    budget: Budget | None = None
+    calib_batches: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any step scores units on data (a data-aware criterion, or a kind that always does)."""
+        kinds = [STEPS[s] for s in self.steps if STEPS[s] is not None]
+        return any(k.own_scores is not None or self.criterion != "weight" for k in kinds)
+
+    def with_tau(self, tau: float) -> PrunePlan:
+        return replace(self, tau=dict.fromkeys(self.steps, tau))
+
+    def describe(self) -> dict[str, Any]:
+        """metrics.json's `prune` block (without the budget search's result)."""
+        return {"steps": list(self.steps), "tau": dict(self.tau), "criterion": self.criterion, "scope": self.scope,
+                "budget": None if self.budget is None else {self.budget.key: self.budget.value},
+                "svd_targets": list(self.svd_targets), "calib_batches": self.calib_batches}
+
+
+def _taus(tau: float | Mapping[str, float] | None, steps: Sequence[str], searched: bool) -> dict[str, float | None]:
+    # Every τ given is checked, even one the chosen method ignores: a typo should not pass silently.
+    if isinstance(tau, Mapping):
+        unknown = [k for k in tau if k not in STEPS]
+        if unknown:
+            raise ValueError(f"prune.tau names unknown steps {unknown}; allowed: {', '.join(STEPS)}")
+        per_step = {k: validate_tau(v, f"prune.tau.{k}") for k, v in tau.items() if v is not None}
+    elif tau is None:
+        per_step = {}
+    else:
+        common = validate_tau(tau, "prune.tau")
+        per_step = dict.fromkeys(STEPS, common)
+    if searched:
+        return dict.fromkeys(steps)
+    missing = [s for s in steps if s not in per_step]
+    if missing:
+        raise ValueError(f"compression step(s) {missing} need a τ: prune.tau=<τ> for every step, "
+                         f"prune.tau.{missing[0]}=<τ>, or a budget ({', '.join('prune.' + t for t in TARGETS)})")
+    return {s: per_step[s] for s in steps}
+
+
+def _budget(targets: Mapping[str, float | None]) -> Budget | None:
+    given = {k: v for k, v in targets.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give one budget, not {sorted(given)}: prune.target_ratio, target_gflops or target_params")
+    if not given:
+        return None
+    (key, value), = given.items()
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+        raise ValueError(f"prune.{key} must be a positive number, got {value!r}")
+    if key == "target_ratio" and value > 1:
+        raise ValueError(f"prune.target_ratio is the fraction of the uncompressed GFLOPs to keep, in (0, 1]; "
+                         f"got {value!r}")
+    return Budget(key, float(value))
 
 
 def plan(
     method: str,
-    tau: float | None,
-    tau_heads: float | None = None,
-    tau_mlp: float | None = None,
-    tau_svd: float | None = None,
-    order: Sequence[str] = STEPS,
+    tau: float | Mapping[str, float] | None = None,
+    order: Sequence[str] = DEFAULT_ORDER,
     svd_targets: str | Iterable[str] = SVD_TARGETS,
-) -> tuple[dict[str, float], tuple[str, ...]]:
-    """Check every compression argument and return ({step: τ} in run order, svd targets).
+    criterion: str = "weight",
+    scope: str = "layer",
+    target_ratio: float | None = None,
+    target_gflops: float | None = None,
+    target_params: float | None = None,
+    calib_batches: int = 0,
+) -> PrunePlan:
+    """Check every compression argument and return the plan.
 
     Runs before anything else in a run, so a bad τ fails in a second, not after hours of training."""
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
     order = tuple(order)
-    if sorted(order) != sorted(STEPS):
-        raise ValueError(f"order must list each of {list(STEPS)} exactly once, got {list(order)}")
+    unknown = [s for s in order if s not in STEPS]
+    if unknown or len(set(order)) != len(order) or not order:
+        raise ValueError(f"prune.order must list steps of {list(STEPS)}, each at most once, got {list(order)}")
     steps = order if method == "all" else () if method == "none" else (method,)
+    budget = _budget({"target_ratio": target_ratio, "target_gflops": target_gflops, "target_params": target_params})
+    if budget is not None and not steps:
+        raise ValueError(f"prune.{budget.key} needs a compression method (prune=heads|mlp|svd|blocks|all)")
+    taus = _taus(tau, steps, searched=budget is not None)
+    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 0:
+        raise ValueError(f"prune.calib_batches must be a whole number >= 0, got {calib_batches!r}")
+    p = PrunePlan(steps=steps, tau=taus, svd_targets=resolve_targets(svd_targets) if SVD in steps else (),
+                  criterion=validate_criterion(criterion), scope=validate_scope(scope), budget=budget,
+                  calib_batches=calib_batches)
+    if p.needs_calibration and calib_batches < 1:
+        why = "prune.criterion=" + criterion if criterion != "weight" else "the blocks step"
+        raise ValueError(f"{why} scores units on training batches: set prune.calib_batches >= 1")
+    return p
 
-    # Every τ given is checked, even one the chosen method ignores: a typo should not pass silently.
-    given = {"tau": tau, "tau_heads": tau_heads, "tau_mlp": tau_mlp, "tau_svd": tau_svd}
-    checked = {name: validate_tau(value, name) for name, value in given.items() if value is not None}
-    taus = {}
-    for step in steps:
-        step_tau = checked.get(f"tau_{step}", checked.get("tau"))
-        if step_tau is None:
-            raise ValueError(f"compression step {step!r} needs tau or tau_{step}")
-        taus[step] = step_tau
-    targets = resolve_targets(svd_targets) if "svd" in steps else ()
-    return taus, targets
+
+def run_plan(model: nn.Module, p: PrunePlan, calibration: Sequence[CalibBatch] | None = None) -> dict[str, list[dict]]:
+    """Run the steps of a plan whose τ are all known, in order, each scoring the model as the previous left it."""
+    if any(t is None for t in p.tau.values()):
+        raise ValueError("this plan has a budget: run it with budget.compress_to_budget")
+    report = {}
+    for step in p.steps:
+        kind = STEPS[step]
+        if kind is None:
+            report[step] = truncated_svd(model, p.tau[step], p.svd_targets)
+        else:
+            scores = unit_scores(model, kind, p.criterion, calibration)
+            report[step] = prune_units(model, kind, p.tau[step], scores, p.scope)
+    return report
 
 
 def compress(
     model: nn.Module,
     method: str,
-    tau: float | None,
-    tau_heads: float | None = None,
-    tau_mlp: float | None = None,
-    tau_svd: float | None = None,
-    order: Sequence[str] = STEPS,
+    tau: float | Mapping[str, float] | None = None,
+    order: Sequence[str] = DEFAULT_ORDER,
     svd_targets: str | Iterable[str] = SVD_TARGETS,
+    criterion: str = "weight",
+    scope: str = "layer",
+    calibration: Sequence[CalibBatch] | None = None,
 ) -> dict[str, list[dict]]:
-    """Compress `model` in place with `method` (none|heads|mlp|svd|all) and return each step's report.
+    """Compress `model` in place with `method` (none|heads|mlp|svd|blocks|all) and return each step's report.
 
-    A step's own τ (tau_heads, tau_mlp, tau_svd) overrides the common `tau`. "all" runs the three steps
-    in `order`. Everything is validated before the model is touched, so a bad argument leaves it intact.
-    """
-    taus, targets = plan(method, tau, tau_heads, tau_mlp, tau_svd, order, svd_targets)
-    runners: dict[str, Callable[[float], list[dict]]] = {
-        "heads": lambda t: prune_attention_heads(model, t),
-        "mlp": lambda t: prune_mlp_neurons(model, t),
-        "svd": lambda t: truncated_svd(model, t, targets),
-    }
-    return {step: runners[step](tau) for step, tau in taus.items()}
+    `tau` is one number for every step or a mapping {step: τ}. "all" runs the steps in `order`. Data-aware
+    criteria and the blocks step score on `calibration` batches. Everything is validated before the model
+    is touched, so a bad argument leaves it intact. Budgets: `budget.compress_to_budget`."""
+    p = plan(method, tau, order, svd_targets, criterion, scope, calib_batches=len(calibration or ()))
+    return run_plan(model, p, calibration)

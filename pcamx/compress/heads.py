@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTAttention
 
-from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
 from pcamx.compress.svd import dense_weight, keep_input_columns, keep_output_rows, require_linear
+from pcamx.compress.units import UnitKind, prune_units
 
 
 def attention_blocks(model: nn.Module) -> list[tuple[str, DINOv3ViTAttention]]:
@@ -52,21 +52,17 @@ def keep_attention_heads(attention: DINOv3ViTAttention, heads: Sequence[int] | t
 
 def prune_attention_heads(model: nn.Module, tau: float) -> list[dict]:
     """Prune each block's heads to the fewest that hold a fraction `tau` of the o_proj energy."""
-    tau = validate_tau(tau)
-    report = []
-    for name, attention in attention_blocks(model):
-        energies = head_energies(attention)
-        kept = keep_by_energy(energies, tau)
-        before = attention.num_heads
-        if kept.numel() < before:
-            keep_attention_heads(attention, kept)
-        report.append(
-            {
-                "layer": name,
-                "before": before,
-                "after": kept.numel(),
-                "kept": kept.tolist(),
-                "kept_energy": kept_fraction(energies, kept),
-            }
-        )
-    return report
+    return prune_units(model, HEADS, tau)
+
+
+HEADS = UnitKind(
+    name="heads",
+    groups=attention_blocks,
+    size=lambda attention: attention.num_heads,
+    keep=keep_attention_heads,
+    weight_scores=head_energies,
+    producers=lambda attention: [attention.q_proj, attention.k_proj, attention.v_proj],
+    consumers=lambda attention: [attention.o_proj],
+    width=lambda attention: attention.head_dim,
+    list_kept=True,
+)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTMLP
 
-from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
 from pcamx.compress.svd import dense_weight, keep_input_columns, keep_output_rows, require_linear
+from pcamx.compress.units import UnitKind, prune_units
 
 MLP_TYPES = (DINOv3ViTMLP, DINOv3ViTGatedMLP)
 
@@ -51,20 +51,16 @@ def keep_mlp_neurons(mlp: nn.Module, neurons: Sequence[int] | torch.Tensor) -> N
 
 def prune_mlp_neurons(model: nn.Module, tau: float) -> list[dict]:
     """Prune each block's MLP to the fewest neurons that hold a fraction `tau` of the neuron energy."""
-    tau = validate_tau(tau)
-    report = []
-    for name, mlp in mlp_blocks(model):
-        energies = neuron_energies(mlp)
-        kept = keep_by_energy(energies, tau)
-        before = mlp_width(mlp)
-        if kept.numel() < before:
-            keep_mlp_neurons(mlp, kept)
-        report.append(
-            {
-                "layer": name,
-                "before": before,
-                "after": kept.numel(),
-                "kept_energy": kept_fraction(energies, kept),
-            }
-        )
-    return report
+    return prune_units(model, MLP, tau)
+
+
+MLP = UnitKind(
+    name="mlp",
+    groups=mlp_blocks,
+    size=mlp_width,
+    keep=keep_mlp_neurons,
+    weight_scores=neuron_energies,
+    producers=lambda mlp: [mlp.up_proj, *([mlp.gate_proj] if isinstance(mlp, DINOv3ViTGatedMLP) else [])],
+    consumers=lambda mlp: [mlp.down_proj],
+    width=lambda mlp: 1,
+)

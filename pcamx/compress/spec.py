@@ -19,6 +19,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 
 from pcamx import io
+from pcamx.compress.blocks import KEPT_ATTR, encoders, keep_blocks, kept_blocks
 from pcamx.compress.heads import keep_attention_heads
 from pcamx.compress.mlp import keep_mlp_neurons
 from pcamx.compress.svd import LowRankLinear
@@ -51,6 +52,8 @@ def architecture_spec(model: PCamClassifier) -> dict[str, Any]:
     if not isinstance(model, PCamClassifier):
         raise TypeError(f"expected a PCamClassifier, got {type(model).__name__}")
     config = model.backbone.config
+    (_, encoder), = encoders(model.backbone)
+    removed = {"blocks": kept_blocks(encoder)} if hasattr(encoder, KEPT_ATTR) else {}
     return {
         "format": SPEC_FORMAT,
         "backbone_config": json.loads(config.to_json_string(use_diff=False)),
@@ -58,6 +61,7 @@ def architecture_spec(model: PCamClassifier) -> dict[str, Any]:
         "dtype": str(model.head.weight.dtype).removeprefix("torch."),
         "num_classes": model.head.out_features,
         "layers": [_layer_spec(layer) for layer in _blocks(model.backbone)],
+        **removed,  # the original indices of the blocks left, when whole blocks were removed
     }
 
 
@@ -79,8 +83,13 @@ def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: 
     return directory
 
 
-def apply_architecture(backbone: DINOv3ViTModel, layers: list[dict[str, Any]]) -> None:
-    """Give a full-size `backbone` the recorded per-layer shapes (weights are left to be loaded)."""
+def apply_architecture(backbone: DINOv3ViTModel, layers: list[dict[str, Any]],
+                       kept: list[int] | None = None) -> None:
+    """Give a full-size `backbone` the recorded depth (`kept`: original indices of the blocks left) and
+    per-layer shapes (weights are left to be loaded)."""
+    if kept is not None:
+        (_, encoder), = encoders(backbone)
+        keep_blocks(encoder, kept)
     blocks = _blocks(backbone)
     if len(blocks) != len(layers):
         raise ValueError(f"spec describes {len(layers)} layers, the config builds {len(blocks)}")
@@ -143,7 +152,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
 
     model = build_classifier(DINOv3ViTConfig.from_dict(spec["backbone_config"]), int(spec["num_classes"]))
     try:
-        apply_architecture(model.backbone, spec["layers"])
+        apply_architecture(model.backbone, spec["layers"], spec.get("blocks"))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointMismatchError(
             f"{spec_path} does not describe a buildable architecture: {err}"

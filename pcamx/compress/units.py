@@ -1,0 +1,95 @@
+"""Unit kinds: what a pruning step removes, where the units live, how each is scored by weight and cut out.
+
+A unit kind maps a model to its groups (each attention's heads, each MLP's neurons, the encoder's blocks),
+and says for a group how many units it has, their weight-only score, and the surgery that keeps a subset.
+The data-aware criteria (`importance.py`) need one more fact per kind: which linear layers hold a unit's
+parameters, as output rows (`producers`) or input columns (`consumers`). Allocation (`allocate`) turns
+scores into kept indices, per group (`layer` scope) or ranked across groups (`global`), and `prune_units`
+applies it: importance, allocation and surgery stay apart, so a new kind is one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
+from pcamx.compress.svd import LowRankLinear
+
+SCOPES = ("layer", "global")
+
+Linear = nn.Linear | LowRankLinear
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of prunable unit. `width` is how many consecutive features of a producer's output (and of a
+    consumer's input) one unit spans: head_dim for a head, 1 for an MLP neuron."""
+
+    name: str
+    groups: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    size: Callable[[nn.Module], int]
+    keep: Callable[[nn.Module, torch.Tensor], None]
+    weight_scores: Callable[[nn.Module], torch.Tensor] | None = None
+    producers: Callable[[nn.Module], list[Linear]] | None = None
+    consumers: Callable[[nn.Module], list[Linear]] | None = None
+    width: Callable[[nn.Module], int] | None = None
+    # A kind scored by its own data-aware rule under every criterion: (model, pixel batches) → scores.
+    own_scores: Callable[[nn.Module, list[torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    list_kept: bool = False  # report the kept indices (a few heads: yes; 1536 neurons per block: no)
+
+
+def validate_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"prune.scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    return scope
+
+
+def allocate(scores: Mapping[str, torch.Tensor], tau: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Kept indices per group (ascending). `layer`: each group keeps the fewest units holding a fraction τ
+    of its own total score. `global`: the units of all groups are ranked together by their share of the
+    model-wide total, the fewest holding τ of it are kept, and a group left empty keeps its best unit."""
+    tau, scope = validate_tau(tau), validate_scope(scope)
+    if scope == "layer" or len(scores) == 1:
+        return {name: keep_by_energy(s, tau) for name, s in scores.items()}
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().to(device="cpu", dtype=torch.float64) for n in names])
+    kept = torch.zeros(len(flat), dtype=torch.bool)
+    kept[keep_by_energy(flat, tau)] = True
+    out, start = {}, 0
+    for name in names:
+        n = scores[name].numel()
+        mine = torch.nonzero(kept[start : start + n]).flatten()
+        if mine.numel() == 0:  # never empty a block's attention or MLP
+            mine = keep_by_energy(scores[name], 1e-12)
+        out[name], start = mine, start + n
+    return out
+
+
+def prune_units(model: nn.Module, kind: UnitKind, tau: float, scores: Mapping[str, torch.Tensor] | None = None,
+                scope: str = "layer") -> list[dict]:
+    """Keep, in every group of `kind`, the units `allocate` picks from `scores` (default: the weight score),
+    and report per group what was there, what is kept and the share of score kept."""
+    groups = kind.groups(model)
+    if scores is None:
+        if kind.weight_scores is None:
+            raise ValueError(f"{kind.name} units have no weight-only score; they need calibration data")
+        scores = {name: kind.weight_scores(module) for name, module in groups}
+    missing = [name for name, _ in groups if name not in scores]
+    if missing:
+        raise ValueError(f"no {kind.name} scores for {missing}")
+    keep = allocate({name: scores[name] for name, _ in groups}, tau, scope)
+    report = []
+    for name, module in groups:
+        before, kept = kind.size(module), keep[name]
+        if kept.numel() < before:
+            kind.keep(module, kept)
+        entry = {"layer": name, "before": before, "after": kept.numel()}
+        if kind.list_kept:
+            entry["kept"] = kept.tolist()
+        entry["kept_energy"] = kept_fraction(scores[name], kept)
+        report.append(entry)
+    return report

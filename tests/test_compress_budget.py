@@ -1,0 +1,238 @@
+"""Issue 13's compression: data-aware importance against hand computations, global allocation, whole-block
+removal, budgets, and that every variant reloads exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_compress import HEAD_DIM, HIDDEN, WIDTH, images, layers, logits, make_model
+from test_compress import HEADS as N_HEADS
+
+from pcamx.compress import load_compressed, save_compressed
+from pcamx.compress.blocks import BLOCKS, block_change, keep_blocks
+from pcamx.compress.budget import compress_to_budget, unit_count
+from pcamx.compress.chain import plan, run_plan
+from pcamx.compress.heads import HEADS
+from pcamx.compress.importance import activation, taylor, unit_scores
+from pcamx.compress.mlp import MLP
+from pcamx.compress.units import allocate, prune_units
+from pcamx.footprint import count_params
+
+
+def calibration(n: int = 2, batch: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images(batch, seed=10 + i), torch.tensor([i % 2, 1, 0])[:batch]) for i in range(n)]
+
+
+def recorded_inputs(model, module_of, batches) -> list[list[torch.Tensor]]:
+    """The input of `module_of(layer)` in every layer, per batch: by wrapping its forward (not a hook)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in layers(model)]
+    for i, layer in enumerate(layers(model)):
+        target = module_of(layer)
+        original = target.forward
+
+        def wrapped(x, original=original, i=i):
+            seen[i].append(x.detach().clone())
+            return original(x)
+
+        target.forward = wrapped
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for layer in layers(model):
+        del module_of(layer).forward
+    return seen
+
+
+# --- importance ------------------------------------------------------------------------------------
+
+
+def test_activation_scores_equal_a_hand_computation() -> None:
+    model, batches = make_model(), calibration()
+    heads = activation(model, HEADS, batches)
+    mlp = activation(model, MLP, batches)
+    o_inputs = recorded_inputs(model, lambda layer: layer.attention.o_proj, batches)
+    d_inputs = recorded_inputs(model, lambda layer: layer.mlp.down_proj, batches)
+    for i, layer in enumerate(layers(model)):
+        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in o_inputs[i]]).double()
+        w = layer.attention.o_proj.weight.double()
+        for h in range(N_HEADS):
+            cols = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+            by_hand = a[:, cols].norm(dim=1).mean() * w[:, cols].norm()
+            assert heads[f"backbone.model.layer.{i}.attention"][h].item() == pytest.approx(by_hand.item(), rel=1e-9)
+        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in d_inputs[i]]).double()
+        w = layer.mlp.down_proj.weight.double()
+        by_hand = torch.stack([a[:, j].abs().mean() * w[:, j].norm() for j in range(WIDTH)])
+        torch.testing.assert_close(mlp[f"backbone.model.layer.{i}.mlp"], by_hand, rtol=1e-9, atol=0)
+
+
+def test_taylor_scores_equal_a_hand_computation_and_leave_the_model_as_it_was() -> None:
+    model, batches = make_model(), calibration()
+    model.requires_grad_(False)  # a frozen backbone (head-only / LoRA) must be scored and stay frozen
+    heads, mlp = taylor(model, HEADS, batches), taylor(model, MLP, batches)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+    hand = copy.deepcopy(model).requires_grad_(True)
+    loss = sum(F.cross_entropy(hand(x), y) for x, y in batches) / len(batches)
+    params = list(hand.parameters())
+    grads = dict(zip([id(p) for p in params], torch.autograd.grad(loss, params, allow_unused=True),
+                     strict=True))
+
+    def wg(p: torch.Tensor) -> torch.Tensor:
+        return (p.detach().double() * grads[id(p)].double()).abs()
+
+    for i, layer in enumerate(layers(hand)):
+        att = layer.attention
+        for h in range(N_HEADS):
+            rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+            total = sum(wg(getattr(att, n).weight)[rows].sum() for n in ("q_proj", "k_proj", "v_proj"))
+            total += sum(wg(getattr(att, n).bias)[rows].sum() for n in ("q_proj", "k_proj", "v_proj")
+                         if getattr(att, n).bias is not None)
+            total += wg(att.o_proj.weight)[:, rows].sum()
+            assert heads[f"backbone.model.layer.{i}.attention"][h].item() == pytest.approx(total.item(), rel=1e-9)
+        up, down = layer.mlp.up_proj, layer.mlp.down_proj
+        by_hand = torch.stack([wg(up.weight)[j].sum() + wg(up.bias)[j] + wg(down.weight)[:, j].sum()
+                               for j in range(WIDTH)])
+        torch.testing.assert_close(mlp[f"backbone.model.layer.{i}.mlp"], by_hand, rtol=1e-9, atol=0)
+
+
+def test_taylor_without_labels_uses_the_models_own_predictions() -> None:
+    model, batches = make_model(), calibration()
+    own = [(x, logits(model, x).argmax(1)) for x, _ in batches]
+    unlabeled = [(x, None) for x, _ in batches]
+    for name, scores in taylor(model, HEADS, unlabeled).items():
+        torch.testing.assert_close(scores, taylor(model, HEADS, own)[name], rtol=0, atol=0)
+
+
+def test_block_change_is_one_minus_cosine_of_each_blocks_input_and_output() -> None:
+    model, batches = make_model(), calibration()
+    scores = block_change(model, [x for x, _ in batches])["backbone.model"]
+    inputs = recorded_inputs(model, lambda layer: layer.norm1, batches)  # a block's input enters norm1
+    outputs = [inputs[1][b] for b in range(len(batches))]  # block 0's output is block 1's input
+    cos = torch.cat([F.cosine_similarity(i.double(), o.double(), dim=-1).flatten()
+                     for i, o in zip(inputs[0], outputs, strict=True)])
+    assert scores[0].item() == pytest.approx((1 - cos).mean().item(), rel=1e-9)
+    assert scores.shape == (2,) and (scores > 0).all()
+
+
+# --- allocation ------------------------------------------------------------------------------------
+
+
+def test_global_allocation_ranks_across_groups_and_never_empties_one() -> None:
+    scores = {"a": torch.tensor([10.0, 1.0]), "b": torch.tensor([0.1, 0.2])}
+    # total 11.3; τ = 0.9 needs 10.17: 10 + 1 from a; b would be empty, so it keeps its best unit.
+    kept = allocate(scores, 0.9, "global")
+    assert kept["a"].tolist() == [0, 1] and kept["b"].tolist() == [1]
+    # per group: a needs 9.9 of its 11 (unit 0 alone), b 0.27 of its 0.3 (both)
+    assert {k: v.tolist() for k, v in allocate(scores, 0.9, "layer").items()} == {"a": [0], "b": [0, 1]}
+    assert {k: v.tolist() for k, v in allocate(scores, 1.0, "global").items()} == {"a": [0, 1], "b": [0, 1]}
+
+
+def test_global_scope_prunes_the_low_energy_block_harder() -> None:
+    model = make_model()
+    with torch.no_grad():  # block 0's heads carry 100x the o_proj energy of block 1's
+        layers(model)[0].attention.o_proj.weight.mul_(10)
+    report = prune_units(copy.deepcopy(model), HEADS, 0.8, scope="global")
+    assert report[1]["after"] < report[0]["after"] and report[1]["after"] >= 1
+    per_layer = prune_units(copy.deepcopy(model), HEADS, 0.8, scope="layer")
+    assert per_layer[1]["after"] > report[1]["after"]
+
+
+@pytest.mark.parametrize("criterion", ["weight", "activation", "taylor"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_tau_one_is_lossless_for_every_criterion_and_scope(criterion: str, scope: str) -> None:
+    model = make_model()
+    before = logits(model)
+    p = plan("all", 1.0, order=("heads", "mlp", "svd", "blocks"), criterion=criterion, scope=scope, calib_batches=2)
+    report = run_plan(model, p, calibration())
+    assert all(row["after"] == row["before"] for step in report.values() for row in step)
+    assert torch.equal(logits(model), before)
+
+
+# --- whole blocks ----------------------------------------------------------------------------------
+
+
+def test_removing_a_block_equals_running_the_remaining_blocks() -> None:
+    model, x = make_model(), images()
+    backbone = model.backbone
+    with torch.no_grad():  # by hand: embeddings → block 1 only → norm → CLS → head
+        h = backbone.embeddings(x)
+        rope = backbone.rope_embeddings(x)
+        h = backbone.model.layer[1](h, position_embeddings=rope)
+        by_hand = model.head(backbone.norm(h)[:, 0])
+    keep_blocks(backbone.model, [1])
+    assert len(backbone.model.layer) == 1
+    assert torch.equal(logits(model, x), by_hand)
+
+
+def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> None:
+    model, batches = make_model(), calibration()
+    scores = unit_scores(model, BLOCKS, "weight", batches)["backbone.model"]
+    report = run_plan(model, plan("blocks", 0.5, calib_batches=2), batches)["blocks"]
+    assert report[0]["before"] == 2 and report[0]["after"] == 1
+    assert report[0]["kept"] == [int(scores.argmax())]
+    directory = save_compressed(model, tmp_path / "compressed")
+    loaded = load_compressed(directory)
+    assert len(loaded.backbone.model.layer) == 1 and count_params(loaded) == count_params(model)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize("criterion", ["activation", "taylor"])
+def test_every_data_aware_variant_reloads_with_identical_outputs(tmp_path, criterion: str) -> None:
+    model = make_model()
+    run_plan(model, plan("all", 0.7, order=("blocks", "heads", "mlp", "svd"), criterion=criterion, scope="global",
+                         calib_batches=2), calibration())
+    loaded = load_compressed(save_compressed(model, tmp_path / criterion))
+    assert torch.equal(logits(loaded), logits(model))
+
+
+# --- budgets ---------------------------------------------------------------------------------------
+
+
+def params_only(model) -> dict[str, float]:
+    return {"params": count_params(model), "gflops": 1.0}
+
+
+def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
+    model = make_model()
+    full = count_params(model)
+    limit = full - 40 * (2 * HIDDEN + 1) - 7  # room for 40 fewer neurons, less a few parameters
+    compressed, report, found = compress_to_budget(model, plan("mlp", target_params=limit), params_only)
+    per_neuron = 2 * HIDDEN + 1  # an up_proj row, its bias entry and a down_proj column
+    assert found["achieved"]["params"] <= limit < found["achieved"]["params"] + per_neuron
+    assert count_params(compressed) == found["achieved"]["params"]
+    assert count_params(model) == full  # the original is left as it was
+    # the largest such model: every larger τ makes a model over the budget
+    tau = found["tau"]["mlp"]
+    for larger in torch.linspace(tau, 1.0, 50)[1:].tolist():
+        trial = copy.deepcopy(model)
+        run_plan(trial, plan("mlp", larger))
+        assert count_params(trial) > limit or unit_count(trial) == unit_count(compressed)
+
+
+def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing() -> None:
+    model = make_model()
+    full = count_params(model)
+    _, _, found = compress_to_budget(model, plan("all", target_ratio=0.75), lambda m: {"gflops": count_params(m),
+                                                                                    "params": count_params(m)})
+    assert found["achieved"]["gflops"] <= 0.75 * full and found["achieved"]["gflops_ratio"] <= 0.75
+    same, report, found = compress_to_budget(model, plan("heads", target_params=full), params_only)
+    assert found["tau"] == {"heads": 1.0} and torch.equal(logits(same), logits(model))
+
+
+def test_an_unreachable_budget_fails_with_the_smallest_reachable_cost() -> None:
+    with pytest.raises(ValueError, match=r"out of reach: the smallest model .* has \d+ params"):
+        compress_to_budget(make_model(), plan("heads", target_params=1000), params_only)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_ratio=0.5, target_params=10), "give one budget"),
+    (dict(target_ratio=1.5), r"in \(0, 1\]"),
+    (dict(target_gflops=-1), "positive number"),
+])
+def test_bad_budgets_are_named(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan("all", **kwargs)
