@@ -25,7 +25,8 @@ log = logging.getLogger("pcamx")
 
 
 class SweepSummaryCallback(Callback):
-    """Writes summary.csv, summary.md and roc.png into `hydra.sweep.dir` after all jobs returned.
+    """Writes summary.csv, summary.md and the figures (roc, calibration, frontier) into `hydra.sweep.dir`
+    after all jobs returned.
 
     exit_on_failure: end the process with status 1 after writing the tables when a run failed or is
         missing. Hydra ignores exceptions raised by callbacks (it only warns), so SystemExit, which it
@@ -84,7 +85,9 @@ def log_to_wandb(config: DictConfig, runs: Sequence[RunRecord], paths: dict[str,
 
     columns, rows = csv_rows(runs)
     tracker.log({"sweep/summary": wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])})
-    tracker.log_image("sweep/roc", paths["roc"])
+    for name in ("roc", "frontier"):
+        if paths.get(name):
+            tracker.log_image(f"sweep/{name}", paths[name])
     tracker.summary({"sweep/n_runs": len(runs), "sweep/n_not_ok": sum(not r.ok for r in runs)})
     tracker.finish()
     return True
