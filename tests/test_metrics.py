@@ -330,3 +330,9 @@ def test_safe_div_is_zero_where_the_divisor_is_and_broadcasts():
     out = _safe_div(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([2.0, 0.0]))
     assert out.tolist() == [[0.5, 0.0], [1.5, 0.0]]
     assert _safe_div(np.array([2.0]), np.array([[1.0], [0.0]])).tolist() == [[2.0], [0.0]]
+
+
+@pytest.mark.parametrize("probs", [np.array([0.2 + 0j, 0.7 + 0j]), np.array(["0.2", "0.7"]), np.array([None, 0.7])])
+def test_probabilities_that_are_not_real_numbers_are_refused(probs):
+    with pytest.raises(ValueError, match="probs must be real numbers"):
+        binary_metrics(np.array([0, 1]), probs)

@@ -329,3 +329,13 @@ def test_quantization_labels_and_plain_values() -> None:
     assert format_value("params", 1_234_567_000) == "1234.57M"
     assert format_value("params", 1_125_001) == "1.13M"  # millions exactly, rounded half up here
     assert format_value("lr", 0.1 + 0.2) == "0.3" and format_value("n_test", 1_234_567) == "1234567"
+
+
+def test_mean_sd_of_one_two_or_no_numbers_and_intervals_only_of_two_numbers() -> None:
+    from pcamx.report.format import format_interval, format_mean_sd
+
+    assert format_mean_sd("auroc", [0.9, None]) == "0.9000"  # one number: as it is
+    assert format_mean_sd("auroc", [0.9, 0.8]) == "0.8500 ± 0.0707"  # sd of two: |a − b| / √2
+    assert format_mean_sd("auroc", [None, "n/a"]) == "—"
+    assert format_interval("auroc", [0.1, 0.2]) == "[0.1000, 0.2000]"
+    assert format_interval("auroc", [0.1]) == format_interval("auroc", (0.1, "x")) == "—"

@@ -271,3 +271,12 @@ def test_delong_needs_two_of_each_class_and_a_saturated_probability_stays_finite
     logit = math.log((1 - 1e-7) / 1e-7)
     out = apply_temperature(np.array([1.0, 0.0]), 2.0)
     np.testing.assert_allclose(out, [1 / (1 + math.exp(-logit / 2)), 1 / (1 + math.exp(logit / 2))], rtol=1e-12)
+
+
+def test_a_paired_comparison_without_draws_has_differences_but_no_intervals() -> None:
+    y, p = scores(60, 1.0, seed=31)
+    q = np.clip(p + 0.1, 0, 1)
+    intervals, paired = paired_comparison(y, p, q, None, draws=0)
+    assert intervals == {} and "ci95" not in paired["auroc"] and "diff" in paired["auroc"]
+    intervals, paired = paired_comparison(y, p, q, None, draws=1)  # one draw: degenerate intervals, not none
+    assert intervals["bootstrap"] == 1 and paired["auroc"]["ci95"][0] == paired["auroc"]["ci95"][1]
