@@ -219,6 +219,13 @@ def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing
     _, _, found = compress_to_budget(model, plan("all", target_ratio=0.75), lambda m: {"gflops": count_params(m),
                                                                                     "params": count_params(m)})
     assert found["achieved"]["gflops"] <= 0.75 * full and found["achieved"]["gflops_ratio"] <= 0.75
+    # the largest: with SVD in the plan too (whose layers fall back to dense together at some τ), no larger
+    # τ makes a model within the budget
+    tau = found["tau"]["heads"]
+    for larger in torch.linspace(tau, 1.0, 40)[1:].tolist():
+        trial = copy.deepcopy(model)
+        run_plan(trial, plan("all", larger))
+        assert count_params(trial) > 0.75 * full or count_params(trial) == found["achieved"]["params"], larger
     same, report, found = compress_to_budget(model, plan("heads", target_params=full), params_only)
     assert found["tau"] == {"heads": 1.0} and torch.equal(logits(same), logits(model))
 
@@ -236,3 +243,15 @@ def test_an_unreachable_budget_fails_with_the_smallest_reachable_cost() -> None:
 def test_bad_budgets_are_named(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         plan("all", **kwargs)
+
+
+def test_a_layer_factorized_counts_fewer_units_than_the_dense_one() -> None:
+    # The search's stop rule compares unit counts: a dense SVD target must count its full rank, or a model
+    # whose layers went back to dense would look smaller than one with factorized layers.
+    from pcamx.compress.svd import SVD_TARGETS, truncated_svd
+
+    dense, factorized = make_model(), make_model()
+    truncated_svd(factorized, 0.3)
+    low = unit_count(factorized, SVD_TARGETS)
+    assert low < unit_count(dense, SVD_TARGETS)
+    assert unit_count(dense, SVD_TARGETS) == unit_count(dense) + 2 * (4 * HIDDEN + 2 * HIDDEN)  # q,k,v,o + up, down

@@ -2,7 +2,9 @@
 
 Every step keeps more as τ grows, so the model's cost is a non-decreasing step function of one τ shared by
 all steps; bisection finds the largest τ whose model fits. The search stops when the models on either side
-of the boundary differ by at most one unit (head, neuron, block or rank), or when τ is pinned to 1e-12.
+of the boundary differ by at most one unit (head, neuron, block or rank), or when τ is pinned to 1e-7.
+With SVD in the plan the cost can jump at one τ (a layer whose rank no longer saves parameters goes back to
+dense, and layers with similar spectra do so together): the result is then the largest model below the jump.
 """
 
 from __future__ import annotations
@@ -16,20 +18,24 @@ from torch import nn
 
 from pcamx.compress.chain import STEPS, PrunePlan, run_plan
 from pcamx.compress.importance import CalibBatch
-from pcamx.compress.svd import LowRankLinear
+from pcamx.compress.svd import LowRankLinear, svd_candidates
 
 log = logging.getLogger(__name__)
 
 TAU_FLOOR = 1e-9  # keeps one unit per group (one rank per factorized layer): the smallest model of a plan
-TAU_RESOLUTION = 1e-12
+TAU_RESOLUTION = 1e-7  # a unit holding less than this share of its group's score is not worth more trials
 
 Measure = Callable[[nn.Module], dict[str, float]]  # model → {"gflops": …, "params": …}
 
 
-def unit_count(model: nn.Module) -> int:
-    """Heads + MLP neurons + blocks + ranks of factorized layers: what one step of the search adds or removes."""
+def unit_count(model: nn.Module, svd_targets: tuple[str, ...] = ()) -> int:
+    """Heads + MLP neurons + blocks, and with SVD targets their ranks (a dense target counts its full rank, so
+    a layer that falls back to dense is many units, not fewer): what one step of the search adds or removes."""
     total = sum(kind.size(group) for kind in STEPS.values() if kind is not None for _, group in kind.groups(model))
-    return total + sum(m.rank for m in model.modules() if isinstance(m, LowRankLinear))
+    if svd_targets:
+        total += sum(min(lin.in_features, lin.out_features) for *_, lin in svd_candidates(model, svd_targets))
+        total += sum(m.rank for m in model.modules() if isinstance(m, LowRankLinear))
+    return total
 
 
 def compress_to_budget(model: nn.Module, p: PrunePlan, measure: Measure,
@@ -60,15 +66,16 @@ def compress_to_budget(model: nn.Module, p: PrunePlan, measure: Measure,
                 f"(uncompressed: {full[budget.measure]:.6g}; budget: {limit:.6g}). Allow more, or add steps "
                 f"(prune=all, prune.order with blocks).")
         best, lo_tau, hi_tau = floor, TAU_FLOOR, 1.0
-        hi_units = unit_count(model)
-        while hi_tau - lo_tau > TAU_RESOLUTION and hi_units - unit_count(best[0]) > 1:
+        units = lambda m: unit_count(m, p.svd_targets)  # noqa: E731
+        hi_units = units(model)
+        while hi_tau - lo_tau > TAU_RESOLUTION and hi_units - units(best[0]) > 1:
             mid = (lo_tau + hi_tau) / 2
             candidate = trial(mid)
             steps += 1
             if candidate[2][budget.measure] <= limit:
                 best, lo_tau = candidate, mid
             else:
-                hi_tau, hi_units = mid, unit_count(candidate[0])
+                hi_tau, hi_units = mid, units(candidate[0])
     compressed, report, achieved = best
     result = {
         "tau": dict.fromkeys(p.steps, lo_tau),
