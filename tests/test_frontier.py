@@ -176,9 +176,9 @@ def test_csv_has_the_compression_plan_of_every_form(tmp_path: Path) -> None:
 def test_reference_layout_labels_the_new_forms() -> None:
     class Run:  # what method_label reads of a RunRecord
         def __init__(self, prune: dict) -> None:
-            from pcamx.report.sweep import prune_plan
+            from pcamx.report.sweep import prune_summary
 
-            self.method, self.compressed_model, self.plan = "fullft", True, prune_plan(prune)
+            self.method, self.compressed_model, self.plan = "fullft", True, prune_summary(prune)
 
     seen: set = set()
     assert method_label(Run(new_prune("all")), seen) == (

@@ -52,7 +52,7 @@ def lora_label(config: dict[str, Any]) -> str:
 
 
 def compression_plan(run: RunRecord) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """(steps in run order, their τ) from the run's prune entry, any form (sweep.PrunePlan)."""
+    """(steps in run order, their τ) from the run's prune entry, any form (sweep.PruneSummary)."""
     taus = run.plan.taus
     return tuple(s for s, _ in taus), tuple(t for _, t in taus)
 

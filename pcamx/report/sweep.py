@@ -131,12 +131,12 @@ class RunRecord:
     @property
     def prune(self) -> dict[str, Any]:
         """metrics.json's `prune` entry (what ran), else the config's `prune` node (what was asked); method
-        "none" when not pruned, None when unknown. Read it through `prune_plan`: it has several forms."""
+        "none" when not pruned, None when unknown. Read it through `prune_summary`: it has several forms."""
         return dict(self.metrics.get("prune") or self.config.get("prune") or {"method": None})
 
     @property
-    def plan(self) -> PrunePlan:
-        return prune_plan(self.prune)
+    def plan(self) -> PruneSummary:
+        return prune_summary(self.prune)
 
     @property
     def compressed_model(self) -> bool:
@@ -248,7 +248,7 @@ def collect_runs(dirs: Sequence[str | Path]) -> list[RunRecord]:
 
 
 @dataclass(frozen=True)
-class PrunePlan:
+class PruneSummary:
     """A run's compression, whichever form said it: metrics.json's `prune` entry (new: `steps`, `tau` per step,
     `criterion`, `scope`, `budget`; old: `tau_heads`/`tau_mlp`/`tau_svd`) or the config's `prune` node (`tau` a
     number, a {step: τ} mapping or null; `target_*`). Only what is known: τ found by a budget search is known
@@ -289,11 +289,11 @@ def _plan_budget(prune: dict[str, Any]) -> tuple[str, float] | None:
     return None
 
 
-def prune_plan(prune: dict[str, Any]) -> PrunePlan:
-    """The PrunePlan of a `prune` entry or config node, any form (see PrunePlan)."""
+def prune_summary(prune: dict[str, Any]) -> PruneSummary:
+    """The PruneSummary of a `prune` entry or config node, any form (see PruneSummary)."""
     method = prune.get("method")
     if method in (None, "none"):
-        return PrunePlan(method)
+        return PruneSummary(method)
     method = str(method)
     budget = _plan_budget(prune)
     tau = prune.get("tau")
@@ -306,7 +306,7 @@ def prune_plan(prune: dict[str, Any]) -> PrunePlan:
             value = next((v for v in (per_step.get(step), prune.get(f"tau_{step}")) if v is not None), tau)
             if is_number(value):
                 taus.append((step, float(value)))
-    return PrunePlan(method, tuple(taus), str(prune.get("criterion") or DEFAULT_CRITERION),
+    return PruneSummary(method, tuple(taus), str(prune.get("criterion") or DEFAULT_CRITERION),
                      str(prune.get("scope") or DEFAULT_SCOPE), budget)
 
 
@@ -329,11 +329,11 @@ def format_taus(taus: Sequence[tuple[str, float]]) -> str:
 
 
 def format_pruning(prune: dict[str, Any]) -> str:
-    """The Pruning/τ cell, the same for every form that means the same (see PrunePlan): `heads τ=0.89`,
+    """The Pruning/τ cell, the same for every form that means the same (see PruneSummary): `heads τ=0.89`,
     `all τ=0.9`, `all τ_heads=0.89 τ_mlp=0.975 τ_svd=0.975`, with a budget `all ≤60% GFLOPs (τ=0.931)`
     (`≤6 GFLOPs`, `≤15.0M params`), then the criterion and scope when not weight and layer:
     `heads τ=0.9 · activation · global`. `none` when not pruned, `—` when unknown."""
-    plan = prune_plan(prune)
+    plan = prune_summary(prune)
     if not plan.pruned:
         return "none" if plan.method else "—"
     taus = format_taus(plan.taus)
