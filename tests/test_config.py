@@ -34,7 +34,8 @@ def test_every_group_option_composes_completely(group: str, option: str) -> None
     ("quant.mode=int4", "[none, bf16, int8]"),
     ("data.name=camelyon", "[pcam, synthetic]"),
     ("train.select_metric=aurocc", "[auroc, auprc, sens_at_95spec, ece, brier, acc, nll, sens95, val_loss]"),
-    ("prune.order=[heads,mlp,sdv]", "[heads, mlp, svd]"),
+    ("prune.order=[heads,mlp,sdv]", "[heads, mlp, svd, blocks]"),
+    ("prune.criterion=magnitude", "[weight, activation, taylor]"),
 ])
 def test_a_typo_in_an_enum_key_fails_at_composition_with_the_allowed_values(override: str, allowed: str) -> None:
     with pytest.raises(ConfigCompositionException) as err:
