@@ -10,7 +10,7 @@ import math
 import pytest
 
 from pcamx.bench import main
-from pcamx.bench.sections import SECTIONS
+from pcamx.bench.sections import SECTIONS, budget_variants
 from pcamx.methods import METHODS
 
 CONDITIONS = ("device", "threads", "torch", "batch_size", "resolution")
@@ -90,6 +90,27 @@ def test_compress_and_load(bench):
         assert fig["latency"]["batch_size"] == 1 and fig["throughput"]["batch_size"] == 4
         assert fig["latency_ms"] == pytest.approx(1e3 / fig["latency"]["images_per_s"])
     assert variants["all"]["params"] <= variants["uncompressed"]["params"]
+    for fig in (f for f in variants.values() if "latency_ms" in f):
+        assert fig["speedup_latency"] == pytest.approx(variants["uncompressed"]["latency_ms"] / fig["latency_ms"])
+        assert fig["speedup_throughput"] == pytest.approx(fig["images_per_s"]
+                                                          / variants["uncompressed"]["images_per_s"])
+
+    # Budgets (--quick: the first ratio only) and block removal: each within its GFLOPs, with the τ found.
+    budgets = dict(budget_variants(quick=True))
+    assert {n for n, _ in budget_variants(quick=False)} > set(budgets) and len(budgets) == 3
+    for name, spec in budgets.items():
+        fig = variants[name]
+        assert fig["budget"] == {"target_ratio": spec["target_ratio"]}
+        assert fig["gflops_ratio"] == pytest.approx(fig["achieved"]["gflops_ratio"], abs=1e-6)
+        assert fig["gflops"] <= fig["limit"]["gflops"] and fig["gflops_ratio"] <= spec["target_ratio"]
+        assert fig["params"] < variants["uncompressed"]["params"] and fig["search_trials"] >= 2
+        assert _positive(fig["compress_s"]) and fig["search_s"] == fig["compress_s"]
+        (tau,) = set(fig["taus"]["tau"].values())
+        assert 0 < tau < 1 and fig["prune"]["steps"] == (["blocks"] if spec["method"] == "blocks"
+                                                         else ["heads", "mlp", "svd"])
+        assert fig["prune"]["criterion"] == spec.get("criterion", "weight")
+    assert bench["sections"]["compress"]["calibration"]["batches"] >= 1
+    assert bench["sections"]["compress"]["budget_note"]  # says what --quick left out
 
     load = bench["sections"]["load"]
     assert load["images"] == 512 and load["bytes"] >= 512 * 96 * 96 * 3

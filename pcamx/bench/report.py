@@ -179,18 +179,50 @@ def _train_md(sec: dict[str, Any]) -> list[str]:
     return out
 
 
+def _tau(fig: dict[str, Any]) -> str:
+    """τ of a compressed variant: the one given, or the one a budget search found (one τ for every step)."""
+    tau = (fig.get("taus") or {}).get("tau")
+    if isinstance(tau, dict):
+        values = set(tau.values())
+        return _n(values.pop(), 4) if len(values) == 1 else ", ".join(f"{k} {_n(v, 4)}" for k, v in tau.items())
+    return _n(tau, 4) if tau is not None else "—"
+
+
+def _variant(name: str, fig: dict[str, Any]) -> str:
+    if "budget" not in fig:
+        return name
+    (key, value), = fig["budget"].items()
+    what = {"target_ratio": "GFLOPs ≤ {:g}×", "target_gflops": "GFLOPs ≤ {:g}", "target_params": "params ≤ {:g}"}
+    prune = fig.get("prune") or {}
+    steps = "+".join(prune.get("steps", []))
+    how = f", {prune['criterion']}, {prune['scope']}" if "blocks" not in prune.get("steps", []) else ""
+    return f"{name}: {steps}, {what[key].format(value)}{how}"
+
+
 def _compress_md(sec: dict[str, Any]) -> list[str]:
     out: list[str] = []
     rows = []
     for name, fig in sec["variants"].items():
         if "skipped" in fig:
-            rows.append([name, fig["skipped"], "—", "—", "—", "—"])
+            rows.append([name, fig["skipped"]] + ["—"] * 7)
             continue
-        rows.append([name, f"{fig['params'] / 1e6:.2f} M", _n(fig.get("gflops")), _n(fig["latency_ms"]),
-                     _n(_ips(fig)), f"{_x(fig['speedup_latency'])} / {_x(fig['speedup_throughput'])}"])
-    out += _table(["variant", "params", "GFLOPs", "latency ms", "images/s", "speedup lat / thr"], rows)
+        search = "—" if "compress_s" not in fig else _n(fig["compress_s"]) + (
+            f" ({fig['search_trials']} trials)" if "search_trials" in fig else "")
+        rows.append([_variant(name, fig), f"{fig['params'] / 1e6:.2f} M", _n(fig.get("gflops")),
+                     "—" if fig.get("gflops_ratio") is None else f"{fig['gflops_ratio']:.3f}", _tau(fig),
+                     _n(fig["latency_ms"]), _n(_ips(fig)),
+                     f"{_x(fig['speedup_latency'])} / {_x(fig['speedup_throughput'])}", search])
+    out += _table(["variant", "params", "GFLOPs", "GFLOPs ÷ uncompressed", "τ", "latency ms", "images/s",
+                   "speedup lat / thr", "compress s"], rows)
     any_fig = next(f for f in sec["variants"].values() if "throughput" in f)
-    out.append(f"\nN = {any_fig['throughput']['batch_size']}.")
+    out.append(f"\nN = {any_fig['throughput']['batch_size']}. compress s: the compression, for a budget the "
+               "whole search (a compressed copy and its GFLOPs per trial).")
+    cal = sec.get("calibration")
+    if cal:
+        out.append(f"Calibration ({cal['used_by']}): {cal['batches']} batches of {cal['batch_size']} images, "
+                   f"{cal['images']}, labels none.")
+    if sec.get("budget_note"):
+        out.append(f"Budgets: {sec['budget_note']}.")
     if sec.get("note"):
         out.append(f"Note: {sec['note']}.")
     return out

@@ -28,6 +28,8 @@ from pcamx.bench.reference import (
     reference_tta,
 )
 from pcamx.compress import compress
+from pcamx.compress.budget import compress_to_budget
+from pcamx.compress.chain import plan
 from pcamx.config import compose
 from pcamx.data.device_loader import to_device
 from pcamx.data.layout import X_KEY
@@ -48,6 +50,27 @@ COMPRESSED_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("svd", {"method": "svd", "tau": 0.975}),
     ("all", {"method": "all", "tau": {"heads": 0.89, "mlp": 0.975, "svd": 0.975}}),
 )
+# Compression to a budget (`compress.budget.compress_to_budget`): at most a fraction of the uncompressed
+# GFLOPs, every step (heads, mlp, svd) with one τ, units ranked across layers (scope=global), scored by the
+# weights alone or by activations on calibration batches; and whole-block removal to a budget.
+BUDGET_RATIOS = (0.75, 0.5)
+BUDGET_CRITERIA = ("weight", "activation")
+BLOCKS_RATIO = 0.75
+# Calibration for the data-aware scores: the first batches of a seeded shuffle of the bench's synthetic
+# training patches, preprocessed without augmentation (as pcamx.pipeline.calibration_batches does), no labels.
+CALIB_BATCHES, CALIB_BATCH_SIZE = 2, 4
+
+
+def budget_variants(quick: bool) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """(name, `compress.chain.plan` arguments) of section 4's budget variants; --quick keeps the first
+    ratio only (the searches are the section's slowest part)."""
+    ratios = BUDGET_RATIOS[:1] if quick else BUDGET_RATIOS
+    out = [(f"all_r{r:g}_{c}", {"method": "all", "criterion": c, "scope": "global", "target_ratio": r,
+                                 "calib_batches": 0 if c == "weight" else CALIB_BATCHES})
+           for r in ratios for c in BUDGET_CRITERIA]
+    out.append((f"blocks_r{BLOCKS_RATIO:g}", {"method": "blocks", "target_ratio": BLOCKS_RATIO,
+                                             "calib_batches": CALIB_BATCHES}))
+    return tuple(out)
 
 
 @dataclass
@@ -408,18 +431,26 @@ def _forward_figures(b: Bench, model: torch.nn.Module) -> dict[str, Any]:
             **out}
 
 
+def _calibration(b: Bench) -> list[tuple[torch.Tensor, None]]:
+    generator = torch.Generator().manual_seed(b.s.seed)
+    batches = b.train.batches(CALIB_BATCH_SIZE, shuffle=True, generator=generator, drop_last=True)
+    return [(preprocess(images.to(b.s.device), b.s.resolution), None)
+            for (images, _), _ in zip(batches, range(CALIB_BATCHES), strict=False)]
+
+
 def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
-    device = b.s.device
+    device, resolution = b.s.device, b.s.resolution
     base = b.new_model().eval()
     variants: dict[str, Any] = {}
+
+    def cost(model: torch.nn.Module) -> dict[str, float]:
+        return {"params": count_params(model), "gflops": gflops(model, resolution, device)}
 
     def run(name: str, model: torch.nn.Module, **info: Any) -> None:
         model.to(device).eval()
         fig = {"params": count_params(model), **info}
-        if name == "bf16":  # the uncompressed model's modules: same count, no need to run ptflops again
-            fig["gflops"] = variants["uncompressed"]["gflops"]
-        elif name != "int8":  # ptflops cannot hook torchao's quantized linears
-            fig["gflops"] = gflops(model, b.s.resolution, device)
+        if "gflops" not in fig and name != "int8":  # ptflops cannot hook torchao's quantized linears
+            fig["gflops"] = gflops(model, resolution, device)
         variants[name] = {**fig, **_forward_figures(b, model)}
         release(device)
 
@@ -429,6 +460,21 @@ def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         compress(model, spec.pop("method"), **spec)
         run(name, model, precision="fp32", taus=spec, compress_s=time.perf_counter() - start)
+    calibration = _calibration(b)
+    for name, spec in budget_variants(b.s.quick):
+        spec = dict(spec)
+        p = plan(spec.pop("method"), **spec)
+        start = time.perf_counter()
+        try:
+            model, _, found = compress_to_budget(copy.deepcopy(base).to(device), p, cost,
+                                                 calibration if p.needs_calibration else None)
+        except ValueError as err:  # a budget the steps cannot reach on this model
+            variants[name] = {"skipped": f"budget not reachable: {err}"}
+            continue
+        seconds = time.perf_counter() - start
+        run(name, model, precision="fp32", gflops=found["achieved"]["gflops"], taus={"tau": found["tau"]},
+            compress_s=seconds, prune=p.describe(), budget={p.budget.key: p.budget.value}, limit=found["limit"],
+            achieved=found["achieved"], search_trials=found["search_trials"], search_s=seconds)
     for mode in ("bf16", "int8"):
         model = copy.deepcopy(base)
         try:
@@ -436,16 +482,24 @@ def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
         except (RuntimeError, ValueError, ImportError) as err:
             variants[mode] = {"skipped": f"{mode} not supported here: {err}"}
             continue
-        run(mode, model, precision=mode, quantized_from="uncompressed")
+        extra = {"gflops": variants["uncompressed"]["gflops"]} if mode == "bf16" else {}  # same modules
+        run(mode, model, precision=mode, quantized_from="uncompressed", **extra)
     first = variants["uncompressed"]
     for fig in variants.values():
         if "latency_ms" in fig:
             fig["speedup_latency"] = first["latency_ms"] / fig["latency_ms"]
             fig["speedup_throughput"] = fig["images_per_s"] / first["images_per_s"]
+        if fig.get("gflops") is not None:
+            fig["gflops_ratio"] = fig["gflops"] / first["gflops"]
     note = None if b.s.weights else (
-        "random-init weights: energy-based pruning removes far less from random matrices than from trained "
-        "ones, so these speedups understate a trained model's; pass --weights for real ones")
-    return {"variants": variants, "note": note}
+        "random-init weights: energy-based pruning at a fixed τ removes far less from random matrices than from "
+        "trained ones, so the fixed-τ speedups understate a trained model's (the budget rows reach their "
+        "GFLOPs whatever the weights; which units go depends on them); pass --weights for real ones")
+    return {"variants": variants, "note": note,
+            "calibration": {"batches": len(calibration), "batch_size": CALIB_BATCH_SIZE, "labels": None,
+                            "images": "the bench's synthetic training patches, seeded shuffle, no augmentation",
+                            "used_by": "criterion=activation and the blocks step"},
+            "budget_note": f"--quick: target_ratio {BUDGET_RATIOS[0]:g} only" if b.s.quick else None}
 
 
 # --- 5. model FLOPs utilization ---------------------------------------------------------------------
