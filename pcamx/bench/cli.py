@@ -23,8 +23,9 @@ from pcamx.bench.sections import SECTIONS, Bench, Settings
 from pcamx.hardware import resolve_device, sync
 from pcamx.model import ARCHITECTURES
 
-# Defaults per device type. CPU: small batches and 6 s per figure keep the vits16 run under 10 minutes on
-# 2 cores. CUDA: pcamx's own batch sizes (conf/data/pcam.yaml).
+# Defaults per device type. CPU: small batches and 6 s per figure keep the vits16 figures under 10 minutes on
+# 2 cores; section 4's five budget searches add ~6 (a compressed copy and its GFLOPs per trial, 18-26 trials
+# each). CUDA: pcamx's own batch sizes (conf/data/pcam.yaml).
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"batch_size": 16, "eval_batch_size": 8, "duration": 6.0, "ref_tta_views": (8,)},
     "cuda": {"batch_size": 128, "eval_batch_size": 256, "duration": 3.0, "ref_tta_views": (8, 6)},
