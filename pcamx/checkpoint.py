@@ -22,7 +22,7 @@ import torch
 from transformers import DINOv3ViTConfig
 
 from pcamx import io
-from pcamx.compress.spec import ARCHITECTURE_FILE, load_compressed
+from pcamx.compress.spec import ARCHITECTURE_FILE, load_compressed, update_extra
 from pcamx.model import PCamClassifier, build_classifier
 
 log = logging.getLogger("pcamx")
@@ -30,6 +30,10 @@ COMPRESSED_DIR = "compressed"
 TRAIN_CHECKPOINTS = ("best.pt", "last.pt")
 RESUME_FILE = "resume.pt"
 DIGEST_KEY = "sha256"
+# What travels with every model pcamx saves (`.pt` payload keys; a compressed checkpoint's architecture.json
+# "extra"): its pcamx.inference.InferenceSettings and the operating points chosen on validation.
+INFERENCE_KEY = "inference"
+OPERATING_POINTS_KEY = "operating_points"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -97,6 +101,18 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
         raise CheckpointError(f"{path} is damaged: its content no longer matches the sha256 recorded when it was "
                               "saved. Use another checkpoint of the run (best.pt / last.pt) or train again.")
     return payload
+
+
+def record_operating_points(source: str | Path, points: Mapping[str, Any]) -> None:
+    """Store a model's operating points in its checkpoint (a `.pt` file or a compressed directory), replacing
+    those it held; the weights are untouched and the write is atomic."""
+    source = Path(source)
+    if source.is_dir():
+        update_extra(source, **{OPERATING_POINTS_KEY: dict(points)})
+        return
+    payload = read_checkpoint(source)
+    payload[OPERATING_POINTS_KEY] = dict(points)
+    save_checkpoint(payload, source)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -22,7 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pcamx import interrupts, io
-from pcamx.checkpoint import COMPRESSED_DIR, RESUME_FILE, load_checkpoint
+from pcamx.checkpoint import (
+    COMPRESSED_DIR,
+    INFERENCE_KEY,
+    RESUME_FILE,
+    load_checkpoint,
+    record_operating_points,
+)
 from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import PrunePlan, plan, run_plan
 from pcamx.compress.spec import save_compressed
@@ -33,11 +39,13 @@ from pcamx.evaluate import evaluate, view_count
 from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
 from pcamx.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
 from pcamx.heal import heal
+from pcamx.inference import InferenceSettings
 from pcamx.interrupts import RunInterrupted
 from pcamx.locks import RunDirBusy, claim_run_dir
 from pcamx.methods import apply_method
 from pcamx.metrics import METRIC_NAMES, METRICS, binary_metrics
 from pcamx.model import build_model
+from pcamx.operating_point import choose_thresholds, operating_points, rates_at
 from pcamx.quant import check_quantization, eval_precision_label, quantize
 from pcamx.report.format import format_interval, format_value, percent_change
 from pcamx.report.run_files import plot_reliability, plot_roc, write_predictions
@@ -127,9 +135,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model, compressed = compress_stage(run, model, reference, origin, trained["train_steps"])
     model, figures = quantize_stage(run, model)
     labels, probs, evaluated = evaluate_stage(run, model, reference, figures)
-    calibrated, calibration = calibrate_stage(run, model, labels, probs)
-    metrics = {"status": "ok", **evaluated, **calibration, **describe(run, origin, len(labels)), **trained,
-               **compressed, "total_seconds": round(time.time() - started, 2), "run_dir": str(run_dir)}
+    val_labels, val_probs = validation_predictions(run, model)
+    operating = operating_stage(run, origin, labels, probs, val_labels, val_probs)
+    calibrated, calibration = calibrate_stage(run, labels, probs, val_labels, val_probs)
+    metrics = {"status": "ok", **evaluated, **operating, **calibration, **describe(run, origin, len(labels)),
+               **trained, **compressed, "total_seconds": round(time.time() - started, 2), "run_dir": str(run_dir)}
     report_stage(run, labels, probs, calibrated, metrics)
     return metrics
 
@@ -198,7 +208,8 @@ def compress_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module 
                     run.tracker, origin.method, step_offset=trained_steps)
     save_compressed(model, run.run_dir / COMPRESSED_DIR,
                     extra={"model_name": cfg.model.name, "method": origin.method,
-                           "method_config": origin.method_config, "prune": out["prune"]})
+                           "method_config": origin.method_config, "prune": out["prune"],
+                           INFERENCE_KEY: InferenceSettings.from_run_config(run.config).to_dict()})
     return model, out
 
 
@@ -253,16 +264,49 @@ def evaluate_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module 
     return labels, probs, out | intervals | {"reference": ref}
 
 
-def calibrate_stage(run: Run, model: torch.nn.Module, labels: np.ndarray,
-                    probs: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """eval.calibrate=temperature: one temperature fitted on the validation split (never on test), with the
-    test views and precision; the test ECE/NLL/Brier before and after. Returns (calibrated test probs, its
-    part of metrics.json)."""
+def validation_predictions(run: Run, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """The final model's validation predictions, made exactly as its test predictions were (views,
+    precision, quantization): what thresholds and the temperature are chosen on, never on test."""
+    labels, probs, _ = evaluate(model, run.data.valid, run.device, run.config, test_precision(run.cfg),
+                                desc="valid (operating points)")
+    return labels, probs
+
+
+def operating_stage(run: Run, origin: Origin, labels: np.ndarray, probs: np.ndarray, val_labels: np.ndarray,
+                    val_probs: np.ndarray) -> dict[str, Any]:
+    """Thresholds chosen on validation (0.5, Youden's J, 95% specificity), the test sensitivity and
+    specificity at the validation-chosen 95%-specificity threshold, and the thresholds written into the
+    checkpoint that holds this run's final model, so that `pcamx.predict` applies them."""
+    thresholds = choose_thresholds(val_labels, val_probs)
+    points = operating_points(thresholds, InferenceSettings.from_run_config(run.config).to_dict(), len(val_labels))
+    at = rates_at(labels, probs, thresholds["val95spec"])
+    log.info("thresholds chosen on %d validation patches: %s; test at val95spec: sensitivity %.4f, "
+             "specificity %.4f", len(val_labels), {k: round(v, 4) for k, v in thresholds.items()},
+             at["sensitivity"], at["specificity"])
+    final = final_checkpoint(run, origin)
+    if final is not None:
+        record_operating_points(final, points)
+    return {"operating_points": points, "sens_at_val95spec_threshold": at["sensitivity"],
+            "spec_at_val95spec_threshold": at["specificity"]}
+
+
+def final_checkpoint(run: Run, origin: Origin) -> Path | None:
+    """The checkpoint this run wrote that holds the model it evaluated: its compressed model, else the
+    best.pt it trained (its best-validation weights). None for a checkpoint=... run without compression,
+    whose source is left untouched."""
+    if run.cfg.prune.method != "none":
+        return run.run_dir / COMPRESSED_DIR
+    best = run.run_dir / "best.pt"
+    return best if origin.checkpoint is None and best.is_file() else None
+
+
+def calibrate_stage(run: Run, labels: np.ndarray, probs: np.ndarray, val_labels: np.ndarray,
+                    val_probs: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """eval.calibrate=temperature: one temperature fitted on the validation predictions (never on test); the
+    test ECE/NLL/Brier before and after. Returns (calibrated test probs, its part of metrics.json)."""
     cfg = run.cfg
     if cfg.eval.calibrate == "none":
         return None, {}
-    val_labels, val_probs, _ = evaluate(model, run.data.valid, run.device, run.config, test_precision(cfg),
-                                        desc="valid (calibration)")
     temperature = fit_temperature(val_labels, val_probs)
     calibrated = apply_temperature(probs, temperature)
     keys = ("ece", "nll", "brier")
@@ -459,6 +503,11 @@ def format_table(metrics: dict[str, Any]) -> str:
         value = metrics.get(key)
         shown = format_value(key, value) if key in ("params", "gflops", "memory_mb") else value
         rows.append(f"| {key} | {shown} | |")
+    if "operating_points" in metrics:
+        t = metrics["operating_points"]["thresholds"]["val95spec"]
+        rows.append(f"| Sens / Spec at the val95spec threshold (chosen on valid) | "
+                    f"{metrics['sens_at_val95spec_threshold']:.4f} / {metrics['spec_at_val95spec_threshold']:.4f} | "
+                    f"p >= {t:.4g} |")
     if "calibration" in metrics:
         c = metrics["calibration"]
         rows.append(f"| temperature (fitted on valid) | {c['temperature']:.4g} | ECE {c['before']['ece']:.4f} → "

@@ -21,17 +21,19 @@ from torch import nn
 from tqdm import tqdm
 
 from pcamx import interrupts, resume
-from pcamx.checkpoint import RESUME_FILE, save_checkpoint
+from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, RESUME_FILE, save_checkpoint
 from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluate import predict, view_count
 from pcamx.hardware import autocast
+from pcamx.inference import InferenceSettings
 from pcamx.interrupts import RunInterrupted
 from pcamx.losses import distillation_loss, smoothed_ce_from_probs
 from pcamx.methods import merge_lora, plain_state_dict
 from pcamx.metrics import METRIC_ALIASES, binary_metrics, improves
 from pcamx.model import PCamClassifier
+from pcamx.operating_point import operating_points, threshold_metrics, thresholds_of
 from pcamx.optim import build_optimizer, warmup_cosine
 from pcamx.tracking import Tracker
 
@@ -80,13 +82,19 @@ class TrainingDiverged(RuntimeError):
     reason = "diverged"
 
 
+def validation_settings(cfg: Mapping[str, Any]) -> InferenceSettings:
+    """How validation during training predicts: eval.val_tta's views, at train.precision, unquantized."""
+    return InferenceSettings(cfg["data"]["resolution"], view_count(cfg["eval"], validation=True),
+                             cfg["train"]["precision"])
+
+
 def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
-    """Validation metrics and val_loss; part of training, so at `train.precision`. Non-finite predictions
-    (finite weights too large for the forward) mean the training diverged."""
-    labels, probs = predict(
-        model, split, device, cfg["data"]["eval_batch_size"], cfg["data"]["resolution"],
-        views=view_count(cfg["eval"], validation=True), precision=cfg["train"]["precision"], desc="val",
-    )
+    """Validation metrics, val_loss and the thresholds chosen on these predictions; part of training, so at
+    `train.precision`. Non-finite predictions (finite weights too large for the forward) mean the training
+    diverged."""
+    how = validation_settings(cfg)
+    labels, probs = predict(model, split, device, cfg["data"]["eval_batch_size"], how.resolution,
+                            views=how.tta_views, precision=how.precision, desc="val")
     if not np.isfinite(probs).all():
         where = f" after step {step}" if step is not None else ""
         bad = int((~np.isfinite(probs)).sum())
@@ -95,7 +103,7 @@ def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any], step: int 
                                "gradients (train.grad_clip), then start over.")
     metrics = binary_metrics(labels, probs)
     metrics["val_loss"] = smoothed_ce_from_probs(labels, probs, cfg["train"]["label_smoothing"])
-    return metrics
+    return metrics | threshold_metrics(labels, probs)
 
 
 def train_step(
@@ -149,6 +157,9 @@ def checkpoint_payload(model: PCamClassifier, cfg: Mapping[str, Any], step: int,
         "step": step,
         "val_metrics": val,
         "select_metric": cfg["train"]["select_metric"],
+        INFERENCE_KEY: InferenceSettings.from_run_config(cfg).to_dict(),
+        # Chosen by this validation pass, so with its views and the training precision.
+        OPERATING_POINTS_KEY: operating_points(thresholds_of(val), validation_settings(cfg).to_dict()),
     }
 
 

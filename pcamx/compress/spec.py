@@ -83,6 +83,16 @@ def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: 
     return directory
 
 
+
+def update_extra(directory: str | os.PathLike, **entries: Any) -> Path:
+    """Add `entries` to the "extra" of a compressed checkpoint's architecture.json (weights untouched)."""
+    path = Path(directory) / ARCHITECTURE_FILE
+    spec = _read_spec(path)
+    spec["extra"] = {**(spec.get("extra") or {}), **entries}
+    io.write_text(path, json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def apply_architecture(backbone: DINOv3ViTModel, layers: list[dict[str, Any]],
                        kept: list[int] | None = None) -> None:
     """Give a full-size `backbone` the recorded depth (`kept`: original indices of the blocks left) and

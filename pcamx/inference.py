@@ -1,0 +1,143 @@
+"""A saved model ready to use outside a run: the checkpoint's weights, how the run fed and ran it (resolution,
+TTA views, precision, quantization) and the operating points chosen on its validation split.
+
+Every checkpoint pcamx writes records both (`inference` and `operating_points`: `.pt` payload keys, and the
+`extra` of a compressed checkpoint's architecture.json). A checkpoint written before they were recorded takes
+its settings from the run's resolved_config.yaml beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pcamx.checkpoint import (
+    INFERENCE_KEY,
+    OPERATING_POINTS_KEY,
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+from pcamx.compress.spec import ARCHITECTURE_FILE
+from pcamx.data.transforms import check_tta_views
+from pcamx.hardware import check_precision
+from pcamx.model import PCamClassifier
+from pcamx.quant import QUANT_MODES, quantize
+
+RUN_CONFIG = "resolved_config.yaml"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model turns uint8 patches into P(tumor): the input resolution (patches are resized to it as in
+    training), the TTA views averaged, the autocast precision of an unquantized model, the quantization."""
+
+    resolution: int
+    tta_views: int
+    precision: str = "fp32"
+    quant: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        check_tta_views(self.tta_views)
+        check_precision(self.precision, "precision")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> InferenceSettings:
+        """The settings a run's test evaluation used (its resolved config). A quantized model runs in its own
+        dtype, so its precision is fp32 (no autocast on top)."""
+        from pcamx.evaluate import view_count
+
+        quant = str(config["quant"]["mode"])
+        precision = "fp32" if quant != "none" else str(config["eval"]["precision"])
+        return cls(int(config["data"]["resolution"]), view_count(config["eval"]), precision, quant)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> InferenceSettings:
+        return cls(int(record["resolution"]), int(record["tta_views"]), str(record.get("precision", "fp32")),
+                   str(record.get("quant", "none")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def override(self, **changes: Any) -> InferenceSettings:
+        """These settings with every change that is not None."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class LoadedModel:
+    """A classifier on its device (quantized as its settings say) and what travels with it."""
+
+    model: PCamClassifier
+    settings: InferenceSettings
+    operating_points: dict[str, Any] | None  # see pcamx.operating_point.operating_points
+    source: dict[str, Any]  # where it came from (load_checkpoint's description)
+    device: torch.device
+
+
+def _run_dir_of(source: Path) -> Path:
+    """The run directory a checkpoint file or compressed directory belongs to."""
+    return source.parent
+
+
+def _stored_records(source: Path) -> dict[str, Any]:
+    """The `inference` / `operating_points` records a checkpoint carries (possibly none)."""
+    if source.is_dir():
+        try:
+            extra = json.loads((source / ARCHITECTURE_FILE).read_text()).get("extra") or {}
+        except (OSError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{source / ARCHITECTURE_FILE} could not be read ({err})") from None
+        return extra
+    return read_checkpoint(source)
+
+
+def checkpoint_settings(checkpoint: str | Path) -> tuple[InferenceSettings, dict[str, Any] | None]:
+    """(inference settings, operating points) of a checkpoint (a run dir, best.pt / last.pt or compressed/)."""
+    source = resolve_checkpoint(checkpoint)
+    records = _stored_records(source)
+    points = records.get(OPERATING_POINTS_KEY)
+    if records.get(INFERENCE_KEY):
+        return InferenceSettings.from_dict(records[INFERENCE_KEY]), points
+    run_config = _run_dir_of(source) / RUN_CONFIG
+    if not run_config.is_file():
+        raise CheckpointError(
+            f"{source} does not record the resolution and TTA views it was trained and tested with, and no "
+            f"{RUN_CONFIG} lies beside it in {run_config.parent}; copy the run's {RUN_CONFIG} there, or "
+            "give the settings yourself (--resolution, --tta-views)"
+        )
+    try:
+        config = yaml.safe_load(run_config.read_text())
+        return InferenceSettings.from_run_config(config), points
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{run_config} could not be read as a pcamx run config ({type(err).__name__}: "
+                              f"{err})") from None
+
+
+def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu",
+                       **overrides: Any) -> LoadedModel:
+    """The checkpoint's classifier in eval mode on `device`, quantized as its settings (with `overrides`:
+    resolution, tta_views, precision, quant; None keeps the stored value) say."""
+    device = torch.device(device)
+    try:
+        stored, points = checkpoint_settings(checkpoint)
+    except CheckpointError:
+        if overrides.get("resolution") is None or overrides.get("tta_views") is None:
+            raise
+        stored, points = InferenceSettings(overrides["resolution"], overrides["tta_views"]), None
+    settings = stored.override(**overrides)
+    model, source = load_checkpoint(checkpoint, {})
+    model = quantize(model.eval(), settings.quant, device)
+    if settings.quant != "none" and settings.precision != "fp32":
+        settings = replace(settings, precision="fp32")  # a quantized model runs in its own dtype
+    return LoadedModel(model, settings, points, source, device)

@@ -1,0 +1,226 @@
+"""Score new patches, or a whole region, with a model pcamx trained or compressed.
+
+    python -m pcamx.predict CHECKPOINT INPUT... [--out preds.csv] [--threshold val95spec]
+    python -m pcamx.predict CHECKPOINT --region big.png --tile 96 --stride 48 [--out tiles.csv]
+
+CHECKPOINT is a run directory, its best.pt / last.pt or its compressed/ directory. Patches are fed exactly as
+the run's test evaluation fed them (resolution, TTA views, precision, quantization: stored with the model,
+each overridable), batched on the device. The CSV gets P(tumour) and the decision at the chosen threshold;
+a JSON beside it records how every number was made (checkpoint, settings, threshold and where it was chosen,
+skipped inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pcamx import io
+from pcamx.checkpoint import CheckpointError
+from pcamx.data.inputs import Batch, InputError, Skipped, batches, discover
+from pcamx.data.transforms import TTA_VIEWS
+from pcamx.evaluate import predict_batch
+from pcamx.hardware import DEVICES, PRECISIONS, resolve_device
+from pcamx.inference import InferenceSettings, LoadedModel, load_for_inference
+from pcamx.operating_point import THRESHOLD_RULES, resolve_threshold
+from pcamx.quant import QUANT_MODES
+from pcamx.region import TileGrid, plot_heatmap, read_region, tile_batches
+
+log = logging.getLogger("pcamx")
+DEFAULT_BATCH = 64
+SYNTHETIC_NOTE = "model trained on the synthetic stand-in, not PCam"
+
+
+@dataclass
+class Predictions:
+    sources: list[str]
+    indices: list[int]
+    probs: np.ndarray
+
+
+def predict_all(loaded: LoadedModel, stream: Iterable[Batch], total: int | None = None,
+                desc: str = "predict") -> Predictions:
+    """P(tumour) of every patch in `stream`, in order, as the loaded model's settings say."""
+    s = loaded.settings
+    sources: list[str] = []
+    indices: list[int] = []
+    probs = []
+    with tqdm(total=total, desc=desc, unit="patch", disable=None, leave=False) as bar:
+        for batch in stream:
+            images = batch.images.to(loaded.device, non_blocking=True)
+            probs.append(predict_batch(loaded.model, images, s.resolution, s.tta_views, s.precision))
+            sources += batch.sources
+            indices += batch.indices
+            bar.update(len(batch.indices))
+    p = torch.cat(probs).cpu().double().numpy() if probs else np.empty(0)
+    if not np.isfinite(p).all():
+        raise RuntimeError(f"the model predicted NaN/inf for {int((~np.isfinite(p)).sum())} patches; the "
+                           "checkpoint's weights are not usable at these settings (try --quant none --precision fp32)")
+    return Predictions(sources, indices, p)
+
+
+def write_csv(path: Path, preds: Predictions, threshold: float, extra: dict[str, Sequence[Any]] | None = None) -> Path:
+    """source,index[,extra columns],prob,pred: one row per patch; pred = prob >= threshold."""
+    extra = extra or {}
+    lines = [",".join(["source", "index", *extra, "prob", "pred"])]
+    columns = list(extra.values())
+    for k, (source, index, p) in enumerate(zip(preds.sources, preds.indices, preds.probs, strict=True)):
+        cells = [_csv_cell(source), str(index), *(str(c[k]) for c in columns), f"{p:.8f}", str(int(p >= threshold))]
+        lines.append(",".join(cells))
+    return io.write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def trained_on(loaded: LoadedModel) -> str | None:
+    """The data the model's run reported (its metrics.json), when the run directory is at hand."""
+    path = Path(loaded.source["path"])
+    for run_dir in (path.parent, path):
+        try:
+            return json.loads((run_dir / "metrics.json").read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def threshold_note(loaded: LoadedModel, name: str) -> str | None:
+    """A warning when a stored threshold was chosen on probabilities made differently from these."""
+    points = loaded.operating_points or {}
+    measured = points.get("measured_with")
+    if name not in THRESHOLD_RULES or name == "0.5" or not measured:
+        return None
+    chosen = InferenceSettings.from_dict(measured)
+    if chosen == loaded.settings:
+        return None
+    return (f"the {name} threshold was chosen on validation predictions made with {chosen.to_dict()}, but these "
+            f"are made with {loaded.settings.to_dict()}; pass the matching --tta-views / --quant / --precision "
+            "for exactly the validated operating point")
+
+
+def describe(loaded: LoadedModel, args: argparse.Namespace, threshold: float, n: int, skipped: Skipped,
+             note: str | None) -> dict[str, Any]:
+    points = loaded.operating_points or {}
+    data = trained_on(loaded)
+    return {
+        "checkpoint": loaded.source["path"], "checkpoint_kind": loaded.source.get("kind"),
+        "method": loaded.source.get("method"), "trained_on": data,
+        **({"note": SYNTHETIC_NOTE} if data == "synthetic" else {}),
+        "settings": loaded.settings.to_dict(), "device": str(loaded.device),
+        "threshold": {"rule": args.threshold, "value": threshold,
+                      **({"chosen_on": {k: points.get(k) for k in ("split", "n", "measured_with")}}
+                         if args.threshold in points.get("thresholds", {}) and args.threshold != "0.5" else {}),
+                      **({"warning": note} if note else {})},
+        "n": n, "skipped": [{"path": p, "reason": r} for p, r in skipped.items],
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pcamx.predict", description=__doc__.split("\n\n")[0],
+        epilog="Inputs: image files (" + ", ".join(("PNG", "JPEG", "TIFF")) + ", RGB, any size: resized to the "
+               "model's resolution as in training), folders of them (searched recursively), PCam-layout *_x.h5 "
+               "files, .npy uint8 (N, H, W, 3) arrays. Exit status 2 for bad input or checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a run directory, its best.pt / last.pt, or its compressed/ directory")
+    p.add_argument("inputs", nargs="*", help="image files, folders, *_x.h5 or .npy files")
+    p.add_argument("--region", help="a large RGB image (PNG/TIFF) to tile; writes the per-tile CSV and a heatmap")
+    p.add_argument("--tile", type=int, default=96, help="--region: tile size in pixels (PCam patches are 96 px)")
+    p.add_argument("--stride", type=int, default=None, help="--region: step between tiles (default: --tile)")
+    p.add_argument("--heatmap", help="--region: heatmap image path (default: heatmap.png beside --out)")
+    p.add_argument("--out", help="CSV to write (default preds.csv; tiles.csv with --region); a .json with the "
+                                 "same stem records how it was made")
+    p.add_argument("--threshold", default="0.5",
+                   help=f"decision threshold: {' | '.join(THRESHOLD_RULES)} (chosen on the run's validation "
+                        "split, stored with the model) or a number in [0, 1]")
+    p.add_argument("--tta-views", type=int, choices=sorted(TTA_VIEWS), help="override the run's TTA views")
+    p.add_argument("--quant", choices=QUANT_MODES, help="override the run's quantization")
+    p.add_argument("--precision", choices=PRECISIONS, help="override the run's autocast precision (unquantized)")
+    p.add_argument("--resolution", type=int, help="override the model's input resolution (needed only for a "
+                                                  "checkpoint that records none and has no run config beside it)")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--workers", type=int, default=4, help="threads decoding image files")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out unreadable or non-RGB inputs (listed on stderr and in the .json) instead of "
+                        "stopping at the first")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `main` does, returning what the .json beside the CSV records."""
+    if bool(args.inputs) == bool(args.region):
+        raise InputError("give either INPUT files/folders or --region IMAGE (not both, not neither)")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_for_inference(args.checkpoint, resolve_device(args.device), resolution=args.resolution,
+                                tta_views=args.tta_views, quant=args.quant, precision=args.precision)
+    threshold = resolve_threshold(args.threshold, loaded.operating_points, where=loaded.source["path"])
+    note = threshold_note(loaded, args.threshold)
+    if note:
+        log.warning(note)
+    skipped = Skipped()
+    if args.region:
+        out = Path(args.out or "tiles.csv")
+        image = read_region(args.region)
+        grid = TileGrid(image.shape[0], image.shape[1], args.tile, args.stride or args.tile)
+        preds = predict_all(loaded, tile_batches(image, grid, args.batch_size, str(args.region)), len(grid),
+                            desc="tiles")
+        origins = [grid.origin(i) for i in preds.indices]
+        rows, cols = grid.shape
+        write_csv(out, preds, threshold, {"row": [i // cols for i in preds.indices],
+                                          "col": [i % cols for i in preds.indices],
+                                          "y": [o[0] for o in origins], "x": [o[1] for o in origins]})
+        heatmap = Path(args.heatmap) if args.heatmap else out.with_name("heatmap.png")
+        data = trained_on(loaded)
+        title = f"P(tumour), {rows}×{cols} tiles of {grid.tile} px, stride {grid.stride}" + (
+            f"\n({SYNTHETIC_NOTE})" if data == "synthetic" else "")
+        plot_heatmap(heatmap, image, grid, preds.probs, title)
+        extra = {"region": str(args.region), "tile": grid.tile, "stride": grid.stride, "grid": [rows, cols],
+                 "heatmap": str(heatmap)}
+    else:
+        out = Path(args.out or "preds.csv")
+        sources = discover(args.inputs, skipped if args.skip_bad else None)
+        total = sum(s.count for s in sources)
+        preds = predict_all(loaded, batches(sources, args.batch_size, skipped if args.skip_bad else None,
+                                            args.workers), total)
+        if not len(preds.probs):
+            raise InputError(f"every input was skipped as unreadable ({len(skipped.items)}); nothing to predict")
+        write_csv(out, preds, threshold)
+        extra = {}
+    record = {**describe(loaded, args, threshold, len(preds.probs), skipped, note), **extra, "csv": str(out)}
+    io.write_json(out.with_suffix(".json"), record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        record = run(args)
+    except (InputError, CheckpointError, ValueError) as err:
+        print(f"pcamx.predict: error: {err}", file=sys.stderr)
+        return 2
+    for item in record["skipped"]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    where = f" ({record['note']})" if "note" in record else ""
+    print(f"{record['n']} patches → {record['csv']}" + (f", heatmap {record['heatmap']}" if "heatmap" in record
+                                                          else "")
+          + f"; threshold {record['threshold']['rule']} = {record['threshold']['value']:.6g}"
+          + (f"; {len(record['skipped'])} input(s) skipped" if record["skipped"] else "") + where)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""A large RGB image (a region of a slide) cut into overlapping tiles for `pcamx.predict --region`, and the
+heatmap of the tiles' probabilities.
+
+The image is decoded once (3 bytes per pixel); tiles are views into it, copied a batch at a time, so memory
+beyond the image itself is one batch whatever the image's size. Tile (r, c) covers rows r·stride ..
+r·stride + tile and columns c·stride .. c·stride + tile; a margin narrower than a tile at the right and
+bottom edges is not covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pcamx import io  # noqa: E402
+from pcamx.data.inputs import Batch, InputError, read_image  # noqa: E402
+
+REGION_SUFFIXES = (".png", ".tif", ".tiff")
+# Heatmap figures are drawn from a copy of the image at most this many pixels on its long side.
+PREVIEW_PIXELS = 2048
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    height: int
+    width: int
+    tile: int
+    stride: int
+
+    def __post_init__(self) -> None:
+        if self.tile < 1 or self.stride < 1:
+            raise InputError(f"--tile and --stride must be positive, got {self.tile} and {self.stride}")
+        if self.tile > min(self.height, self.width):
+            raise InputError(f"a {self.tile} px tile does not fit in a {self.width}×{self.height} image; use a "
+                             "smaller --tile")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of tiles."""
+        return (self.height - self.tile) // self.stride + 1, (self.width - self.tile) // self.stride + 1
+
+    def __len__(self) -> int:
+        rows, cols = self.shape
+        return rows * cols
+
+    def origin(self, index: int) -> tuple[int, int]:
+        """(y, x) of tile `index`'s top-left pixel; tiles are numbered row by row."""
+        row, col = divmod(index, self.shape[1])
+        return row * self.stride, col * self.stride
+
+
+def read_region(path: str | Path) -> np.ndarray:
+    """A region image as uint8 (H, W, 3); PNG or TIFF, any size (PIL's decompression-bomb guard is lifted:
+    the file is the user's own)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"region image {path} does not exist")
+    if path.suffix.lower() not in REGION_SUFFIXES:
+        raise InputError(f"region image {path}: give a {' or '.join(REGION_SUFFIXES)} file")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return read_image(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def tile_batches(image: np.ndarray, grid: TileGrid, batch_size: int, name: str) -> Iterator[Batch]:
+    """The tiles of `image`, `batch_size` at a time, row by row."""
+    windows = np.lib.stride_tricks.sliding_window_view(image, (grid.tile, grid.tile), axis=(0, 1))
+    windows = windows[:: grid.stride, :: grid.stride]  # (rows, cols, 3, tile, tile): views, no copy
+    cols = grid.shape[1]
+    for start in range(0, len(grid), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(grid)))
+        r, c = np.divmod(idx, cols)
+        tiles = np.ascontiguousarray(windows[r, c].transpose(0, 2, 3, 1))  # → NHWC
+        yield Batch(torch.from_numpy(tiles), [name] * len(idx), idx.tolist())
+
+
+def plot_heatmap(path: Path, image: np.ndarray, grid: TileGrid, probs: np.ndarray, title: str) -> Path:
+    """The region with P(tumour) of each tile over it (the tile grid's extent), and a colour bar."""
+    step = max(1, int(np.ceil(max(image.shape[:2]) / PREVIEW_PIXELS)))
+    preview = image[::step, ::step]
+    rows, cols = grid.shape
+    fig, ax = plt.subplots(figsize=(7, 7 * image.shape[0] / image.shape[1] + 0.6))
+    ax.imshow(preview, extent=(0, image.shape[1], image.shape[0], 0))
+    # Each cell drawn over the stride×stride square at its tile's centre (tiles overlap when stride < tile).
+    half = (grid.tile - grid.stride) / 2
+    extent = (half, half + cols * grid.stride, half + rows * grid.stride, half)
+    shown = ax.imshow(probs.reshape(rows, cols), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55, extent=extent,
+                      interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="P(tumour)")
+    ax.set(title=title, xlabel="x (px)", ylabel="y (px)")
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
