@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           "y": [o[0] for o in origins], "x": [o[1] for o in origins]})
         heatmap = Path(args.heatmap) if args.heatmap else out.with_name("heatmap.png")
         data = trained_on(loaded)
-        title = f"P(tumour), {rows}×{cols} tiles of {grid.tile} px, stride {grid.stride}" + (
-            f"\n({SYNTHETIC_NOTE})" if data == "synthetic" else "")
+        title = (f"P(tumour) over {Path(args.region).name}: {rows}×{cols} tiles of {grid.tile} px, stride "
+                 f"{grid.stride}" + (f"\n({SYNTHETIC_NOTE})" if data == "synthetic" else ""))
         plot_heatmap(heatmap, image, grid, preds.probs, title)
         extra = {"region": str(args.region), "tile": grid.tile, "stride": grid.stride, "grid": [rows, cols],
                  "heatmap": str(heatmap)}

@@ -351,3 +351,16 @@ def test_checkpoint_without_settings_uses_the_run_config_or_asks(tiny_run: Path,
     assert record["settings"]["tta_views"] == 8 and record["settings"]["resolution"] == 32
     with pytest.raises(ValueError, match="stores no 'youden' threshold"):
         cli.run(cli.parser().parse_args([str(old_run), str(tmp_path / "x.npy"), "--threshold", "youden"]))
+
+
+def test_synthetic_region_tiles_are_patches_of_the_layouts_class() -> None:
+    from pcamx.data.synthetic import generate_split, synthetic_region
+
+    region, layout = synthetic_region(4, 6, seed=1)
+    assert region.shape == (4 * 96, 6 * 96, 3) and region.dtype == np.uint8
+    assert 0 < layout.sum() < layout.size
+    images, labels = generate_split(4 * 4 * 6, 1, split="region")
+    label_of = {im.tobytes(): int(y) for im, y in zip(images, labels.reshape(-1), strict=True)}
+    tiles = [region[96 * r:96 * (r + 1), 96 * c:96 * (c + 1)] for r in range(4) for c in range(6)]
+    assert [label_of[t.tobytes()] for t in tiles] == layout.reshape(-1).tolist()
+    assert len({t.tobytes() for t in tiles}) == len(tiles)

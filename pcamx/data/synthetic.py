@@ -94,6 +94,20 @@ def generate_split(n: int, seed: int, split: str = "train") -> tuple[np.ndarray,
     return images.numpy(), noisy.to(torch.uint8).numpy().reshape(n, *LABEL_SHAPE)
 
 
+def synthetic_region(rows: int = 8, cols: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in for a region of a slide: (rows·96, cols·96, 3) uint8 tiled from synthetic patches, tumour
+    patches (label 1) inside an ellipse and normal ones outside; and that (rows, cols) 0/1 layout."""
+    yy, xx = np.mgrid[:rows, :cols]
+    layout = (((yy - rows * 0.45) / (rows * 0.3)) ** 2 + ((xx - cols * 0.6) / (cols * 0.25)) ** 2 <= 1).astype(np.uint8)
+    images, labels = generate_split(4 * rows * cols, seed, split="region")
+    labels = labels.reshape(-1)
+    pools = {c: iter(images[labels == c]) for c in (0, 1)}
+    tiles = np.stack([next(pools[int(c)]) for c in layout.reshape(-1)])
+    size = IMAGE_SHAPE[0]
+    region = tiles.reshape(rows, cols, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(rows * size, cols * size, 3)
+    return np.ascontiguousarray(region), layout
+
+
 def _write_h5(path: Path, key: str, array: np.ndarray) -> None:
     # Same dataset name, dtype, shape and gzip-chunked storage as the official files.
     chunks = (min(len(array), 64), *array.shape[1:]) if len(array) else None
@@ -156,11 +170,26 @@ def is_synthetic(root: str | Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="output directory")
+    parser.add_argument("--root", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--region", help="instead: write a synthetic region (PNG) of --grid patches, a tumour "
+                                         "ellipse among normal tissue, for `pcamx.predict --region`")
+    parser.add_argument("--grid", default="8x12", help="--region: ROWSxCOLS patches of 96 px")
     for split in SPLITS:
         parser.add_argument(f"--n-{split}", type=int, default=DEFAULT_SIZES[split], help=f"{split} patches")
     args = parser.parse_args(argv)
+    if args.region:
+        from PIL import Image
+
+        rows, cols = (int(v) for v in args.grid.lower().split("x"))
+        region, layout = synthetic_region(rows, cols, args.seed)
+        with io.atomic_path(args.region) as tmp:
+            Image.fromarray(region).save(tmp, format="PNG")
+        print(f"wrote a synthetic region (not a slide) to {args.region}: {region.shape[1]}×{region.shape[0]} px, "
+              f"{int(layout.sum())} of {layout.size} patches tumour")
+        return
+    if not args.root:
+        parser.error("--root is required (or --region)")
     sizes = {s: getattr(args, f"n_{s}") for s in SPLITS}
     root = write_synthetic(args.root, sizes, args.seed)
     print(f"wrote synthetic PCam-layout files (not PCam data) to {root}: {sizes}")
