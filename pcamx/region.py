@@ -27,6 +27,7 @@ from pcamx.data.inputs import Batch, InputError, read_image  # noqa: E402
 REGION_SUFFIXES = (".png", ".tif", ".tiff")
 # Heatmap figures are drawn from a copy of the image at most this many pixels on its long side.
 PREVIEW_PIXELS = 2048
+REGION_STRIP = 256  # rows copied out of the decoded image at a time
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,18 @@ def read_region(path: str | Path) -> np.ndarray:
         raise InputError(f"region image {path}: give a {' or '.join(REGION_SUFFIXES)} file")
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        return read_image(path)
+        with Image.open(path) as img:
+            if img.mode != "RGB":
+                return read_image(path)  # which names the mode and the way out
+            img.load()
+            # Copied out in strips: np.asarray(img) would hold a second full-size copy (PIL's bytes) at once.
+            out = np.empty((img.height, img.width, 3), dtype=np.uint8)
+            for top in range(0, img.height, REGION_STRIP):
+                bottom = min(top + REGION_STRIP, img.height)
+                out[top:bottom] = np.asarray(img.crop((0, top, img.width, bottom)))
+            return out
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"region image {path} could not be read ({type(err).__name__}: {err})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 

@@ -263,9 +263,16 @@ def test_tiles_with_overlap_are_the_image_windows() -> None:
 
 def test_region_reads_images_beyond_pil_bomb_limit(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
-    assert read_region(tmp_path / "big.png").shape == (40, 40, 3)
+    image = np.random.default_rng(0).integers(0, 256, (600, 40, 3), dtype=np.uint8)  # more rows than a strip
+    Image.fromarray(image).save(tmp_path / "big.png")
+    np.testing.assert_array_equal(read_region(tmp_path / "big.png"), image)
     assert Image.MAX_IMAGE_PIXELS == 100
+    Image.fromarray(image[..., 0]).save(tmp_path / "grey.png")
+    with pytest.raises(InputError, match="grey.png is a L image"):
+        read_region(tmp_path / "grey.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:500])
+    with pytest.raises(InputError, match="cut.png could not be read"):
+        read_region(tmp_path / "cut.png")
 
 
 # ---------------------------------------------------------------- bad input
