@@ -102,6 +102,14 @@ def build_steps(mode: str, work: Path, out: Path, wheels: Path, site: Path, devi
                     "DINOv3ViTModel(architecture('vits16')).save_pretrained(sys.argv[1])", str(weights)]
     check_files = [python(), str(REPO / "scripts" / "gpu_check.py"), "--check-e2e", str(train_dir), str(sweep_dir),
                    "--out", str(out)]
+    # The trained and the int8 model used as users do (python -m pcamx.predict) on the test file and a region.
+    test_x = data / "camelyonpatch_level_2_split_test_x.h5"
+    predict = [python(), "-m", "pcamx.predict", "--device", device, "--threshold", "val95spec"]
+    use = [[*predict, str(train_dir), str(test_x), "--out", str(out / "predict_train.csv")],
+           [*predict, str(sweep_dir / "1"), str(test_x), "--out", str(out / "predict_int8.csv")],
+           [python(), "-m", "pcamx.data.synthetic", "--region", str(work / "region.png"), "--grid", "8x12"],
+           [*predict, str(train_dir), "--region", str(work / "region.png"), "--stride", "48",
+            "--out", str(out / "region_tiles.csv")]]
     bench_args = ["--device", "cuda", "--out", str(out / "bench.json"), "--data-dir", str(work / "bench-data"),
                   *BENCH[mode]]
     files, _ = wheels_present(wheels)
@@ -115,7 +123,7 @@ def build_steps(mode: str, work: Path, out: Path, wheels: Path, site: Path, devi
         Step("pytest_cuda", [[python(), "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"]],
              check=[python(), "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"]),
         Step("e2e", [save_weights, run_py(*train, f"hydra.run.dir={train_dir}"),
-                     run_py("-m", *compress, f"hydra.sweep.dir={sweep_dir}"), check_files],
+                     run_py("-m", *compress, f"hydra.sweep.dir={sweep_dir}"), *use, check_files],
              # A single composition has no comma lists: the sweep's quant=bf16,int8 is checked as int8.
              check=[python(), str(REPO / "scripts" / "gpu_check.py"), "--compose",
                     json.dumps([train, ["quant=int8" if a.startswith("quant=") else a for a in compress]])]),
@@ -265,11 +273,32 @@ def check_e2e(train_dir: Path, sweep_dir: Path, out: Path) -> int:
             if m.get("status") != "ok":
                 problems.append(f"{name}: status {m.get('status')}: {m.get('error')}")
     problems += [f"sweep: no {f}" for f in ("summary.md", "summary.csv") if not (sweep_dir / f).is_file()]
+    for csv_name, run_dir in (("predict_train.csv", train_dir), ("predict_int8.csv", sweep_dir / "1")):
+        problems += predict_agreement(out / csv_name, run_dir, metrics)
     (out / "e2e_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for p in problems:
         print(f"missing or not ok: {p}")
     print(json.dumps(metrics, indent=2))
     return 1 if problems else 0
+
+
+def _probs(path: Path, column: str = "prob") -> list[float]:
+    with open(path) as f:
+        rows = f.read().splitlines()
+    header = rows[0].split(",")
+    return [float(r.split(",")[header.index(column)]) for r in rows[1:]]
+
+
+def predict_agreement(csv_path: Path, run_dir: Path, metrics: dict) -> list[str]:
+    """`python -m pcamx.predict` on the test file gives the run's own predictions.csv (max |Δp| recorded)."""
+    if not csv_path.is_file() or not (run_dir / "predictions.csv").is_file():
+        return [f"{csv_path.name}: not written"]
+    got, want = _probs(csv_path), _probs(run_dir / "predictions.csv")
+    if len(got) != len(want):
+        return [f"{csv_path.name}: {len(got)} rows, the run's predictions.csv has {len(want)}"]
+    worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
+    metrics[csv_path.name] = {"max_abs_diff_vs_predictions_csv": worst}
+    return [f"{csv_path.name}: max |Δp| {worst:.3g} against {run_dir}/predictions.csv"] if worst > 1e-4 else []
 
 
 def compose(commands: list[list[str]]) -> int:

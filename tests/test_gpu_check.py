@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -75,3 +77,16 @@ def test_e2e_artifact_check_names_what_is_missing(tmp_path: Path) -> None:
     assert "train: no last.pt" in proc.stdout and "sweep: no summary.md" in proc.stdout
     assert "expected the training run and 2 compressed runs" in proc.stdout
     assert json.loads((tmp_path / "e2e_metrics.json").read_text())["train"]["auroc"] == 0.9
+    assert "predict_int8.csv: not written" in proc.stdout
+
+
+def test_e2e_check_compares_predict_with_the_runs_predictions(tmp_path: Path) -> None:
+    out, train = tmp_path / "out", tmp_path / "train"
+    out.mkdir(), train.mkdir()
+    (train / "predictions.csv").write_text("index,label,prob\n0,1,0.90000000\n1,0,0.20000000\n")
+    (out / "predict_train.csv").write_text("source,index,prob,pred\nx.h5,0,0.90000001,1\nx.h5,1,0.20050000,0\n")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--check-e2e", str(train),
+                           str(tmp_path / "sweep"), "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert "predict_train.csv: max |Δp| 0.0005 against" in proc.stdout
+    assert json.loads((out / "e2e_metrics.json").read_text())["predict_train.csv"][
+        "max_abs_diff_vs_predictions_csv"] == pytest.approx(5e-4)

@@ -371,3 +371,14 @@ def test_synthetic_region_tiles_are_patches_of_the_layouts_class() -> None:
     tiles = [region[96 * r:96 * (r + 1), 96 * c:96 * (c + 1)] for r in range(4) for c in range(6)]
     assert [label_of[t.tobytes()] for t in tiles] == layout.reshape(-1).tolist()
     assert len({t.tobytes() for t in tiles}) == len(tiles)
+
+
+@pytest.mark.cuda
+def test_predict_on_cuda_equals_the_cpu(tiny_run: Path, test_patches: np.ndarray, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", test_patches)
+    probs = {}
+    for device in ("cpu", "cuda"):
+        assert cli.main([str(tiny_run), str(tmp_path / "x.npy"), "--device", device,
+                         "--out", str(tmp_path / f"{device}.csv")]) == 0
+        probs[device] = [float(r["prob"]) for r in _read_csv(tmp_path / f"{device}.csv")]
+    np.testing.assert_allclose(probs["cuda"], probs["cpu"], atol=1e-4)
