@@ -7,10 +7,11 @@ Steps, each time-boxed and reported even when an earlier one failed:
   pytest_cuda  `pytest -m cuda`: the CUDA-only tests
   e2e          run.py with the ViT-S/16 architecture (random init, save_pretrained) at 224 px on synthetic
                patches: method=lora, bf16 + torch.compile, 1 epoch; then compress + bf16 and + int8 from its
-               checkpoint; every artifact checked
+               checkpoint; every artifact checked; python -m pcamx.predict with the trained and the int8
+               model on the test file (against their predictions.csv) and on a synthetic region
   bench        python -m pcamx.bench --device cuda, sized to fit
 The report (GPU, driver, versions, each step with its time, the bench tables) is printed and written with
-the logs into --out. --quick fits in about 3 minutes, the full check in about 8 on one H200. --dry-run
+the logs into --out. --quick fits in about 3.5 minutes, the full check in about 9 on one H200. --dry-run
 checks every step's command without CUDA or wheels: the installs are listed, the imports tried, the CUDA
 tests collected, the run.py commands composed (--cfg job) and the bench arguments parsed.
 
@@ -40,9 +41,9 @@ IMPORTS = ("torch", "torchvision", "transformers", "peft", "h5py", "sklearn", "m
            "submitit", "ptflops", "torchao", "pcamx")
 # Seconds per step (full, quick), and for the whole check: sized by estimate for one H200 with 16 cores
 # (the CPU-side parts measured on a 2-core machine: 10k synthetic patches in 25 s, the wheels in 5 s).
-BUDGETS = {"install": (60, 60), "imports": (60, 45), "pytest_cuda": (120, 75), "e2e": (240, 100),
+BUDGETS = {"install": (60, 60), "imports": (60, 45), "pytest_cuda": (120, 75), "e2e": (280, 130),
            "bench": (210, 60)}
-TOTAL = {"full": 480, "quick": 180}
+TOTAL = {"full": 520, "quick": 210}
 # The end-to-end run: patches per split, and the settings that differ between the modes.
 E2E = {"full": {"n_train": 8192, "n_valid": 1024, "n_test": 1024, "compile": "true", "resolution": 224, "batch": 256},
        "quick": {"n_train": 2048, "n_valid": 256, "n_test": 256, "compile": "false", "resolution": 224, "batch": 256},
@@ -316,7 +317,7 @@ def compose(commands: list[list[str]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="check every step's command; no GPU needed")
-    parser.add_argument("--quick", action="store_true", help="the short version (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the short version (about 3.5 minutes)")
     parser.add_argument("--out", type=Path, default=Path("."), help="where the report and logs go (default: .)")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="the wheels of `make gpu-wheels`")
     parser.add_argument("--steps", default=",".join(BUDGETS), help=f"a subset of {','.join(BUDGETS)}")
