@@ -43,7 +43,7 @@ from pcamx.data.layout import IMAGE_SHAPE, X_KEY
 from pcamx.data.synthetic import generate_split
 from pcamx.data.transforms import TTA_VIEWS, check_tta_views, tta_views
 from pcamx.evaluate import predict_batch
-from pcamx.inference import InferenceSettings, checkpoint_settings
+from pcamx.inference import settings_with
 
 log = logging.getLogger("pcamx")
 
@@ -278,19 +278,6 @@ def _thresholds(points: Mapping[str, Any] | None, resolution: int, views: int) -
     return {"pcamx.thresholds": points.get("thresholds") or {}, "pcamx.operating_points": points}
 
 
-def stored_settings(checkpoint: str | Path, resolution: int | None = None, tta_views: int | None = None
-                    ) -> tuple[InferenceSettings, dict[str, Any] | None]:
-    """The checkpoint's inference settings with `resolution` / `tta_views` (when given) on top; a checkpoint
-    that records none needs both."""
-    try:
-        settings, points = checkpoint_settings(checkpoint)
-    except CheckpointError:
-        if resolution is None or tta_views is None:
-            raise
-        settings, points = InferenceSettings(resolution, tta_views), None
-    return settings.override(resolution=resolution, tta_views=tta_views), points
-
-
 def export_onnx(checkpoint: str | Path, out: str | Path = "model.onnx", *, tta_views: int | None = None,
                 resolution: int | None = None, dynamic_batch: bool = False, batch: int = 1,
                 check_samples: int = CHECK_SAMPLES, check_h5: str | Path | None = None,
@@ -300,7 +287,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path = "model.onnx", *, tta_v
     require_export_dependencies()
     if batch < 1 or check_samples < 1:
         raise ValueError(f"--batch and --check-samples must be >= 1, got {batch} and {check_samples}")
-    settings, points = stored_settings(checkpoint, resolution, tta_views)
+    settings, points = settings_with(checkpoint, resolution=resolution, tta_views=tta_views)
     views = settings.tta_views
     if settings.precision != "fp32" or settings.quant != "none":
         log.info("exporting in fp32; the run evaluated this model with precision=%s, quantization=%s",

@@ -124,11 +124,10 @@ def checkpoint_settings(checkpoint: str | Path) -> tuple[InferenceSettings, dict
                               f"{err})") from None
 
 
-def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu",
-                       **overrides: Any) -> LoadedModel:
-    """The checkpoint's classifier in eval mode on `device`, quantized as its settings (with `overrides`:
-    resolution, tta_views, precision, quant; None keeps the stored value) say."""
-    device = torch.device(device)
+def settings_with(checkpoint: str | Path, **overrides: Any) -> tuple[InferenceSettings, dict[str, Any] | None]:
+    """The checkpoint's (settings, operating points), with `overrides` (resolution, tta_views, precision,
+    quant; None keeps the stored value) on top. A checkpoint that records no settings needs at least
+    resolution and tta_views."""
     try:
         stored, points = checkpoint_settings(checkpoint)
     except CheckpointError:
@@ -136,8 +135,16 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
             raise
         stored, points = InferenceSettings(overrides["resolution"], overrides["tta_views"]), None
     settings = stored.override(**overrides)
-    model, source = load_checkpoint(checkpoint, {})
-    model = quantize(model.eval(), settings.quant, device)
     if settings.quant != "none" and settings.precision != "fp32":
         settings = replace(settings, precision="fp32")  # a quantized model runs in its own dtype
-    return LoadedModel(model, settings, points, source, device)
+    return settings, points
+
+
+def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu",
+                       **overrides: Any) -> LoadedModel:
+    """The checkpoint's classifier in eval mode on `device`, quantized as its settings (with `overrides`,
+    see `settings_with`) say."""
+    device = torch.device(device)
+    settings, points = settings_with(checkpoint, **overrides)
+    model, source = load_checkpoint(checkpoint, {})
+    return LoadedModel(quantize(model.eval(), settings.quant, device), settings, points, source, device)
