@@ -206,19 +206,20 @@ def test_a_stored_threshold_made_with_other_views_is_named(tiny_run: Path, test_
     assert record["settings"]["tta_views"] == 1 and "warning" in record["threshold"]
 
 
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
 def test_compressed_and_quantized_runs_predict_as_they_were_evaluated(small_pcam: Path, tmp_path: Path,
-                                                                      test_patches: np.ndarray) -> None:
+                                                                      test_patches: np.ndarray, quant: str) -> None:
     run_dir = tmp_path / "run"
     run(compose_config(*fast_overrides(small_pcam, "eval.bootstrap=0", "eval.measure_speed=false", "prune=all",
-                                       "prune.tau=0.9", "quant=bf16", "eval.tta_views=6")), run_dir)
+                                       "prune.tau=0.9", f"quant={quant}", "eval.tta_views=6")), run_dir)
     spec = json.loads((run_dir / "compressed" / ARCHITECTURE_FILE).read_text())
-    assert spec["extra"][INFERENCE_KEY] == {"resolution": 32, "tta_views": 6, "precision": "fp32", "quant": "bf16"}
+    assert spec["extra"][INFERENCE_KEY] == {"resolution": 32, "tta_views": 6, "precision": "fp32", "quant": quant}
     assert spec["extra"][OPERATING_POINTS_KEY] == json.loads((run_dir / "metrics.json").read_text())[
         "operating_points"]
     np.save(tmp_path / "x.npy", test_patches)
     assert _predict(run_dir, tmp_path / "x.npy", "--out", tmp_path / "p.csv", "--batch-size", 64) == 0
     record = json.loads((tmp_path / "p.json").read_text())
-    assert record["checkpoint"] == str(run_dir / "compressed") and record["settings"]["quant"] == "bf16"
+    assert record["checkpoint"] == str(run_dir / "compressed") and record["settings"]["quant"] == quant
     _, expected = read_predictions(run_dir / "predictions.csv")
     np.testing.assert_allclose([float(r["prob"]) for r in _read_csv(tmp_path / "p.csv")], expected, atol=2e-7)
 
