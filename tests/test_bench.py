@@ -117,6 +117,49 @@ def test_compress_and_load(bench):
     assert _positive(load["load_s"]) and _positive(load["per_sample_read_us"])
 
 
+def test_predict_folder(bench):
+    """`python -m pcamx.predict CHECKPOINT FOLDER` against the per-file PIL + processor loop, 1 and 8 views."""
+    predict = bench["sections"]["predict"]
+    assert set(predict["views"]) == {"1", "8"}
+    for views, entry in predict["views"].items():
+        _check_figure(entry["pcamx"], 64)  # pcamx.predict's default batch
+        _check_figure(entry["reference"], 1)  # one file at a time
+        for side in ("pcamx", "reference"):
+            assert entry[side]["views"] == int(views) and entry[side]["images"] == entry["images"] == 8
+        assert entry["settings"] == {"resolution": 32, "tta_views": int(views), "precision": "fp32", "quant": "none"}
+        assert entry["ratio"] == pytest.approx(entry["pcamx"]["images_per_s"] / entry["reference"]["images_per_s"])
+        assert entry["png_bytes"] > 0 and _positive(entry["load_s"])
+        # The same PNGs through both ways: the probabilities agree, and they are spread out (not saturated).
+        eq = entry["equivalence"]
+        assert eq["passed"] and eq["max_abs_diff"] <= eq["atol"] == 1e-4, eq
+        assert eq["prob_max"] - eq["prob_min"] > 0.05 and 0 < eq["prob_min"] and eq["prob_max"] < 1, eq
+
+
+def test_export_latency(bench):
+    export = bench["sections"]["export"]
+    if "skipped" in export:  # onnxruntime / onnx / onnxscript not installed: a reason, not a failure
+        assert "pip install" in export["skipped"]
+        return
+    assert set(export["variants"]) == {"uncompressed", "all"} and export["views"] == [1, 8]
+    assert export["variants"]["all"]["params"] <= export["variants"]["uncompressed"]["params"]
+    for entry in export["variants"].values():
+        for views in ("1", "8"):
+            fig = entry[views]
+            assert fig["batch"] == 1 and fig["tta_views"] == int(views) and fig["resolution"] == 32
+            assert fig["threads"] == 1 and fig["iters"] >= 1
+            assert _positive(fig["onnxruntime_cpu_ms"]) and _positive(fig["pytorch_cpu_ms"])
+            assert fig["speedup"] == pytest.approx(fig["pytorch_cpu_ms"] / fig["onnxruntime_cpu_ms"])
+            assert fig["max_abs_diff"] <= 1e-4 and _positive(fig["export_s"])
+
+
+def test_new_sections_rendered(bench):
+    from pcamx.bench.report import render_markdown
+
+    text = render_markdown(bench)
+    assert "### pcamx.predict on a folder of PNG patches" in text and "Same probabilities: 1 view(s)" in text
+    assert "### ONNX Runtime vs PyTorch, CPU latency" in text
+
+
 def test_targets_reported(bench):
     names = {t["name"]: t for t in bench["targets"]}
     assert set(names) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training",

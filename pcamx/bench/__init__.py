@@ -10,7 +10,10 @@ does augmentation, resize, normalization and the TTA views batched there. Sectio
 3. train     training step for head_only / lora / fullft, eager and compiled, with peak memory;
 4. compress  latency and throughput of the compressed variants, bf16 and int8;
 5. mfu       model FLOPs utilization (CUDA only);
-   load      `data.in_memory=true` load time and memory for a 32,768-image split.
+   load      `data.in_memory=true` load time and memory for a 32,768-image split;
+   uncertainty  every interval and test of a compressed row;
+   predict   `python -m pcamx.predict` on a folder of PNG patches vs a per-file PIL + processor loop;
+   export    ONNX Runtime vs PyTorch CPU latency, uncompressed and compressed (pcamx.export).
 
     python -m pcamx.bench [--device cuda] [--model vits16] [--out bench.json]
 

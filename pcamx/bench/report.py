@@ -257,6 +257,45 @@ def _uncertainty_md(sec: dict[str, Any]) -> list[str]:
             *_table(["what", "seconds"], rows)]
 
 
+def _predict_md(sec: dict[str, Any]) -> list[str]:
+    rows, checks = [], []
+    for views, e in sec["views"].items():
+        p, r = e["pcamx"], e["reference"]
+        rows.append([views, str(e["images"]), _n(_ips(p)), _n(_ips(r)), _x(e["ratio"]), _iters(p), _iters(r),
+                     f"{e['load_s']:.2f}"])
+        q = e["equivalence"]
+        checks.append(f"{views} view(s): max |Δp| = {q['max_abs_diff']:.2e} over {q['images']} images "
+                      f"({'pass' if q['passed'] else 'FAIL'}, atol {q['atol']:g}; p in [{q['prob_min']:.3f}, "
+                      f"{q['prob_max']:.3f}])")
+    out = _table(["TTA views", "PNGs", "pcamx.predict", "per-file loop", "ratio", "timed passes pcamx",
+                  "timed passes loop", "load s"], rows)
+    first = next(iter(sec["views"].values()))
+    out.append(f"\nImages/s over whole passes of the folder, fp32 (TF32 off). pcamx: `python -m pcamx.predict "
+               f"CHECKPOINT FOLDER` (batch {first['pcamx']['batch_size']}, {first['pcamx']['decode_threads']} "
+               "decode threads); loop: PIL + HF processor + a forward per image and view. The model is loaded "
+               "before timing (load s: `load_for_inference`).")
+    out.append("Same probabilities: " + "; ".join(checks) + ".")
+    return out
+
+
+def _export_md(sec: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, entry in sec["variants"].items():
+        for views in map(str, sec["views"]):
+            f = entry[views]
+            rows.append([name, f"{entry['params'] / 1e6:.2f} M", views, _n(f["onnxruntime_cpu_ms"]),
+                         _n(f["pytorch_cpu_ms"]), _x(f["speedup"]), f"{f['max_abs_diff']:.1e}",
+                         f"{f['export_s']:.1f}"])
+    out = _table(["variant", "params", "TTA views", "onnxruntime ms", "PyTorch ms", "PyTorch ÷ onnxruntime",
+                  "max \\|Δp\\|", "export s"], rows)
+    f = next(v for v in next(iter(sec["variants"].values())).values() if isinstance(v, dict) and "batch" in v)
+    out.append(f"\nCPU, fp32, batch {f['batch']} uint8 patch(es) → P(tumour) at {f['resolution']} px, "
+               f"{f['threads']} thread(s) for both; median of {f['iters']} calls after {f['warmup']} "
+               "(`pcamx.export.export_latency_figures`: the ONNX graph includes the views, resize and normalization, "
+               "as PyTorch's `predict_batch` does).")
+    return out
+
+
 # Each section: its key in bench.json, its heading, and how its figures become markdown lines.
 SECTION_RENDERERS = [
     ("pipeline", "### 1. Input pipeline (images/s ready on the device)", _pipeline_md),
@@ -266,6 +305,8 @@ SECTION_RENDERERS = [
     ("mfu", "### 5. Model FLOPs utilization", _mfu_md),
     ("load", "### data.in_memory load", _load_md),
     ("uncertainty", "### Confidence intervals and paired tests (one core)", _uncertainty_md),
+    ("predict", "### pcamx.predict on a folder of PNG patches (images/s)", _predict_md),
+    ("export", "### ONNX Runtime vs PyTorch, CPU latency at batch 1", _export_md),
 ]
 
 

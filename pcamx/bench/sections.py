@@ -7,14 +7,17 @@ import contextlib
 import copy
 import gc
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import default_collate
 
 from pcamx.bench.data import LOAD_SPLIT, BenchData
@@ -37,7 +40,7 @@ from pcamx.data.pcam import PCamSplit, split_paths
 from pcamx.data.transforms import NUM_DIHEDRAL, ColorJitter, preprocess
 from pcamx.evaluate import predict_batch
 from pcamx.footprint import count_params, gflops
-from pcamx.methods import METHODS, apply_method
+from pcamx.methods import METHODS, apply_method, plain_state_dict
 from pcamx.model import PCamClassifier, architecture, build_classifier, build_model
 from pcamx.optim import build_optimizer
 from pcamx.quant import quantize
@@ -601,6 +604,178 @@ def section_uncertainty(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
             "repeats_s": timings, "budget_s": UNCERTAINTY_BUDGET_S}
 
 
+# --- predict: a folder of PNG patches --------------------------------------------------------------
+
+# Patches in the PNG folder per TTA setting (views: patches). A warm-up and every repeat is at least one pass
+# over the folder, so the TTA folder is smaller: the reference runs one forward per view and patch.
+PREDICT_FOLDER = {"cpu": {1: 32, NUM_DIHEDRAL: 16}, "cuda": {1: 1024, NUM_DIHEDRAL: 256}}
+QUICK_PREDICT_FOLDER = {1: 8, NUM_DIHEDRAL: 8}
+
+
+def write_pngs(images: torch.Tensor, folder: Path) -> Path:
+    """uint8 NHWC patches as one RGB PNG file each (PIL's default compression), in file-name order."""
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images.numpy()):
+        Image.fromarray(image).save(folder / f"patch_{i:05d}.png")
+    return folder
+
+
+def save_bench_checkpoint(model: PCamClassifier, s: Settings, path: Path, views: int) -> Path:
+    """`model` as a training checkpoint (the keys pcamx.train.checkpoint_payload writes), fp32, no quantization."""
+    from pcamx.checkpoint import save_checkpoint
+
+    return save_checkpoint({
+        "model": plain_state_dict(model), "backbone_config": model.config.to_dict(),
+        "model_name": f"dinov3_{s.model}", "method": "fullft", "method_config": {"name": "fullft"},
+        "train_precision": s.precision, "step": 0, "val_metrics": {},
+        "inference": {"resolution": s.resolution, "tta_views": views, "precision": "fp32", "quant": "none"},
+    }, path)
+
+
+SPREAD_IMAGES = 16
+
+
+@torch.no_grad()
+def spread_head(model: PCamClassifier, images: torch.Tensor, resolution: int) -> dict[str, float]:
+    """Rescale and shift the head so that the logit margin (tumour - normal) over `images` has mean 0 and std 1:
+    P(tumour) then spreads over roughly [0.1, 0.9]. Near 0 or 1 (a random model's unit-scale head saturates
+    there) softmax flattens every difference, and |Δp| would say little about the two pipelines' inputs."""
+    margin = model(preprocess(images, resolution)).diff(dim=-1).squeeze(-1)
+    mean, std = float(margin.mean()), max(float(margin.std()), 1e-6)
+    model.head.weight /= std
+    model.head.bias /= std
+    model.head.bias += torch.tensor([mean / 2, -mean / 2]) / std
+    return {"margin_mean": mean, "margin_std": std, "images": len(images)}
+
+
+def reference_folder_predict(model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor],
+                             folder: Path, device: torch.device, views: int) -> tuple[list[str], np.ndarray]:
+    """The usual loop over a folder: per file PIL open + convert, the HF processor, one fp32 forward per image
+    (per view with TTA, as `reference_tta`), softmax, the probability read back per file."""
+    paths = sorted(folder.glob("*.png"))
+    probs = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        probs.append(reference_tta(model, transform(image)[None].to(device), views).item())
+    return [str(p) for p in paths], np.asarray(probs)
+
+
+def _predict_views(b: Bench, model: PCamClassifier, reference_model: torch.nn.Module,
+                   transform: Callable[[Image.Image], torch.Tensor], workdir: Path, views: int, n: int
+                   ) -> dict[str, Any]:
+    """Both ways over a folder of `n` PNG patches with `views` TTA views: images/s and the largest |Δp|."""
+    from pcamx.data.inputs import batches, discover
+    from pcamx.inference import load_for_inference
+    from pcamx.predict import DEFAULT_BATCH, predict_all
+    from pcamx.predict import parser as predict_parser
+
+    s, device = b.s, b.s.device
+    workers = predict_parser().get_default("workers")  # pcamx.predict's decode threads (--workers)
+    start = time.perf_counter()
+    folder = write_pngs(b.test.images[:n], workdir / f"png_{views}views")
+    write_s = time.perf_counter() - start
+    checkpoint = save_bench_checkpoint(model, s, workdir / f"best_{views}views.pt", views)
+    start = time.perf_counter()
+    loaded = load_for_inference(checkpoint, device, tta_views=views)
+    load_s = time.perf_counter() - start
+    last: dict[str, Any] = {}
+
+    def pcamx_pass() -> int:
+        sources = discover([folder])
+        total = sum(source.count for source in sources)
+        preds = predict_all(loaded, batches(sources, DEFAULT_BATCH, None, workers), total)
+        last["pcamx"] = (preds.sources, preds.probs)
+        return total
+
+    def reference_pass() -> int:
+        last["reference"] = reference_folder_predict(reference_model, transform, folder, device, views)
+        return len(last["reference"][0])
+
+    # A warm-up step is a whole pass over the folder: one is enough.
+    pcamx, reference = measure(pcamx_pass, device, s.timing, 1), measure(reference_pass, device, s.timing, 1)
+    (ours_sources, ours), (their_sources, theirs) = last["pcamx"], last["reference"]
+    if ours_sources != their_sources:
+        raise RuntimeError("pcamx.predict and the reference loop read the folder in different orders")
+    diff = float(np.abs(ours - theirs).max())
+    release(device)
+    return {
+        "images": n, "png_bytes": sum(p.stat().st_size for p in folder.iterdir()), "write_s": write_s,
+        "load_s": load_s, "settings": loaded.settings.to_dict(),
+        "pcamx": b.figure(pcamx, DEFAULT_BATCH, views=views, precision="fp32", images=n, decode_threads=workers,
+                          what="discover → threaded PIL decode → uint8 batches → predict_all (batched "
+                               "resize/normalize/TTA on the device)"),
+        "reference": b.figure(reference, 1, views=views, precision="fp32", images=n,
+                              what="per file: PIL open + convert → HF processor → a forward per view → softmax "
+                                   "→ .item()"),
+        "ratio": ratio(pcamx, reference),
+        "equivalence": {"images": n, "views": views, "max_abs_diff": diff, "atol": EQUIVALENCE_ATOL,
+                        "passed": diff <= EQUIVALENCE_ATOL, "prob_min": float(ours.min()),
+                        "prob_max": float(ours.max())},
+    }
+
+
+def section_predict(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
+    """`python -m pcamx.predict CHECKPOINT FOLDER` on a folder of PNG patches (threaded PIL decode, uint8
+    batches, batched resize/normalize/TTA on the device) against the usual per-file PIL + processor loop, fp32
+    (TF32 off), the same weights; the checkpoint is written and loaded as a user's would be."""
+    s, device = b.s, b.s.device
+    sizes = QUICK_PREDICT_FOLDER if s.quick else PREDICT_FOLDER["cuda" if device.type == "cuda" else "cpu"]
+    model = b.new_model().eval()
+    spread = spread_head(model, b.test.images[:SPREAD_IMAGES], s.resolution)
+    reference_model = copy.deepcopy(model).to(device).eval()
+    processor = ReferencePCamDataset(b.data.root, "test", False, s.resolution)  # .transform: the HF processor
+    out: dict[str, Any] = {"views": {}, "checkpoint": "training checkpoint (pcamx.checkpoint.save_checkpoint), "
+                                                     "loaded with pcamx.inference.load_for_inference",
+                           "timed": "whole passes over the folder (decode included); model loaded before timing",
+                           "head": {**spread, "what": "head rescaled so P(tumour) spreads out (spread_head)"}}
+    try:
+        with tempfile.TemporaryDirectory(prefix="pcamx-bench-predict-", dir=b.data.root.parent) as tmp, \
+                strict_fp32():
+            for views, size in sizes.items():
+                out["views"][str(views)] = _predict_views(b, model, reference_model, processor.transform, Path(tmp),
+                                                          views, min(size, len(b.test)))
+    finally:
+        processor.close()
+    return out
+
+
+# --- ONNX Runtime vs PyTorch, CPU latency -------------------------------------------------------------
+
+EXPORT_ITERS, EXPORT_WARMUP = 20, 3
+QUICK_EXPORT_ITERS, QUICK_EXPORT_WARMUP = 2, 1
+EXPORT_VARIANTS = ("uncompressed", "all")  # "all": COMPRESSED_VARIANTS' heads → mlp → svd chain
+
+
+def section_export(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
+    """`pcamx.export`'s ONNX graph (uint8 patches → P(tumour), TTA folded in) under ONNX Runtime on the CPU
+    against PyTorch's `predict_batch` on the CPU, batch 1, fp32, for the uncompressed and a compressed model.
+    Both run on torch's thread count; whatever the bench's device, this section is a CPU figure."""
+    from pcamx.export import ExportDependencyError, export_latency_figures, require_export_dependencies
+
+    try:
+        require_export_dependencies()
+    except ExportDependencyError as err:  # onnx / onnxscript / onnxruntime missing: a reason, not a failure
+        return {"skipped": str(err)}
+    s = b.s
+    iters, warmup = (QUICK_EXPORT_ITERS, QUICK_EXPORT_WARMUP) if s.quick else (EXPORT_ITERS, EXPORT_WARMUP)
+    base = b.new_model().eval()
+    specs = dict(COMPRESSED_VARIANTS)
+    out: dict[str, Any] = {"variants": {}, "views": [1, NUM_DIHEDRAL], "device": "cpu", "precision": "fp32",
+                           "torch": torch.__version__}
+    for name in EXPORT_VARIANTS:
+        model, info = copy.deepcopy(base), {}
+        if name != "uncompressed":
+            spec = dict(specs[name])
+            compress(model, spec.pop("method"), **spec)
+            info["taus"] = spec
+        entry: dict[str, Any] = {"params": count_params(model), **info}
+        for views in out["views"]:
+            entry[str(views)] = export_latency_figures(model, s.resolution, views, batch=1, iters=iters,
+                                                       warmup=warmup)
+        out["variants"][name] = entry
+    return out
+
+
 SECTIONS: dict[str, Callable[[Bench, dict[str, Any]], dict[str, Any]]] = {
     "pipeline": section_pipeline,
     "eval": section_eval,
@@ -609,4 +784,6 @@ SECTIONS: dict[str, Callable[[Bench, dict[str, Any]], dict[str, Any]]] = {
     "mfu": section_mfu,
     "load": section_load,
     "uncertainty": section_uncertainty,
+    "predict": section_predict,
+    "export": section_export,
 }
