@@ -53,6 +53,13 @@ class TileGrid:
         rows, cols = self.shape
         return rows * cols
 
+    def cell_extent(self) -> tuple[float, float, float, float]:
+        """(left, right, bottom, top) in image pixels of the heatmap: cell (r, c) is the stride × stride square
+        centred on tile (r, c)'s centre, so cells tile the covered area without overlap even when tiles do."""
+        rows, cols = self.shape
+        half = (self.tile - self.stride) / 2
+        return half, half + cols * self.stride, half + rows * self.stride, half
+
     def origin(self, index: int) -> tuple[int, int]:
         """(y, x) of tile `index`'s top-left pixel; tiles are numbered row by row."""
         row, col = divmod(index, self.shape[1])
@@ -104,11 +111,8 @@ def plot_heatmap(path: Path, image: np.ndarray, grid: TileGrid, probs: np.ndarra
     rows, cols = grid.shape
     fig, ax = plt.subplots(figsize=(7, 7 * image.shape[0] / image.shape[1] + 0.6))
     ax.imshow(preview, extent=(0, image.shape[1], image.shape[0], 0))
-    # Each cell drawn over the stride×stride square at its tile's centre (tiles overlap when stride < tile).
-    half = (grid.tile - grid.stride) / 2
-    extent = (half, half + cols * grid.stride, half + rows * grid.stride, half)
-    shown = ax.imshow(probs.reshape(rows, cols), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55, extent=extent,
-                      interpolation="nearest")
+    shown = ax.imshow(probs.reshape(rows, cols), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
+                      extent=grid.cell_extent(), interpolation="nearest")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="P(tumour)")
     ax.set(title=title, xlabel="x (px)", ylabel="y (px)")
     fig.tight_layout()

@@ -262,6 +262,21 @@ def test_tiles_with_overlap_are_the_image_windows() -> None:
         TileGrid(50, 200, tile=64, stride=48)
 
 
+@pytest.mark.parametrize(("tile", "stride"), [(96, 96), (96, 48), (64, 40), (50, 70)])
+def test_heatmap_cells_sit_on_their_tiles_centres(tile: int, stride: int) -> None:
+    grid = TileGrid(400, 530, tile, stride)
+    rows, cols = grid.shape
+    left, right, bottom, top = grid.cell_extent()
+    width, height = (right - left) / cols, (bottom - top) / rows
+    assert width == height == stride
+    for index in range(len(grid)):
+        y, x = grid.origin(index)
+        r, c = divmod(index, cols)
+        assert (left + (c + 0.5) * width, top + (r + 0.5) * height) == (x + tile / 2, y + tile / 2)
+    if tile == stride:
+        assert grid.cell_extent() == (0, cols * tile, rows * tile, 0)
+
+
 def test_region_reads_images_beyond_pil_bomb_limit(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     image = np.random.default_rng(0).integers(0, 256, (600, 40, 3), dtype=np.uint8)  # more rows than a strip
