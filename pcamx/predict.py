@@ -34,7 +34,8 @@ from pcamx.hardware import DEVICES, PRECISIONS, resolve_device
 from pcamx.inference import InferenceSettings, LoadedModel, load_for_inference
 from pcamx.operating_point import THRESHOLD_RULES, resolve_threshold
 from pcamx.quant import QUANT_MODES
-from pcamx.region import TileGrid, plot_heatmap, read_region, tile_batches
+from pcamx.region import TileGrid, read_region, tile_batches
+from pcamx.report.heatmap import plot_heatmap
 
 log = logging.getLogger("pcamx")
 DEFAULT_BATCH = 64

@@ -1,5 +1,5 @@
-"""A large RGB image (a region of a slide) cut into overlapping tiles for `pcamx.predict --region`, and the
-heatmap of the tiles' probabilities.
+"""A large RGB image (a region of a slide) cut into overlapping tiles for `pcamx.predict --region`
+(the heatmap of their probabilities: pcamx.report.heatmap).
 
 The image is decoded once (3 bytes per pixel); tiles are views into it, copied a batch at a time, so memory
 beyond the image itself is one batch whatever the image's size. Tile (r, c) covers rows r·stride ..
@@ -13,20 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pcamx import io  # noqa: E402
-from pcamx.data.inputs import Batch, InputError, read_image  # noqa: E402
+from pcamx.data.inputs import Batch, InputError, read_image
 
 REGION_SUFFIXES = (".png", ".tif", ".tiff")
-# Heatmap figures are drawn from a copy of the image at most this many pixels on its long side.
-PREVIEW_PIXELS = 2048
 REGION_STRIP = 256  # rows copied out of the decoded image at a time
 
 
@@ -102,21 +95,3 @@ def tile_batches(image: np.ndarray, grid: TileGrid, batch_size: int, name: str) 
         r, c = np.divmod(idx, cols)
         tiles = np.ascontiguousarray(windows[r, c].transpose(0, 2, 3, 1))  # → NHWC
         yield Batch(torch.from_numpy(tiles), [name] * len(idx), idx.tolist())
-
-
-def plot_heatmap(path: Path, image: np.ndarray, grid: TileGrid, probs: np.ndarray, title: str) -> Path:
-    """The region with P(tumour) of each tile over it (the tile grid's extent), and a colour bar."""
-    step = max(1, int(np.ceil(max(image.shape[:2]) / PREVIEW_PIXELS)))
-    preview = image[::step, ::step]
-    rows, cols = grid.shape
-    fig, ax = plt.subplots(figsize=(7, 7 * image.shape[0] / image.shape[1] + 0.6))
-    ax.imshow(preview, extent=(0, image.shape[1], image.shape[0], 0))
-    shown = ax.imshow(probs.reshape(rows, cols), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
-                      extent=grid.cell_extent(), interpolation="nearest")
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="P(tumour)")
-    ax.set(title=title, xlabel="x (px)", ylabel="y (px)")
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path

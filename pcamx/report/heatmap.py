@@ -1,0 +1,35 @@
+"""heatmap.png of `pcamx.predict --region`: a region with P(tumour) of each tile over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on clusters and CI without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pcamx import io  # noqa: E402
+from pcamx.region import TileGrid  # noqa: E402
+
+# The figure is drawn from a copy of the image at most this many pixels on its long side.
+PREVIEW_PIXELS = 2048
+
+
+def plot_heatmap(path: Path, image: np.ndarray, grid: TileGrid, probs: np.ndarray, title: str) -> Path:
+    """The region with P(tumour) of each tile over it (the tile grid's extent), and a colour bar."""
+    step = max(1, int(np.ceil(max(image.shape[:2]) / PREVIEW_PIXELS)))
+    preview = image[::step, ::step]
+    rows, cols = grid.shape
+    fig, ax = plt.subplots(figsize=(7, 7 * image.shape[0] / image.shape[1] + 0.6))
+    ax.imshow(preview, extent=(0, image.shape[1], image.shape[0], 0))
+    shown = ax.imshow(probs.reshape(rows, cols), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
+                      extent=grid.cell_extent(), interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="P(tumour)")
+    ax.set(title=title, xlabel="x (px)", ylabel="y (px)")
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
