@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pcamx.data.inputs import Batch, InputError, read_image
+from pcamx.data.inputs import Batch, InputError, check_rgb
 
 REGION_SUFFIXES = (".png", ".tif", ".tiff")
 REGION_STRIP = 256  # rows copied out of the decoded image at a time
@@ -70,8 +70,7 @@ def read_region(path: str | Path) -> np.ndarray:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as img:
-            if img.mode != "RGB":
-                return read_image(path)  # which names the mode and the way out
+            check_rgb(img, path)
             img.load()
             # Copied out in strips: np.asarray(img) would hold a second full-size copy (PIL's bytes) at once.
             out = np.empty((img.height, img.width, 3), dtype=np.uint8)
@@ -79,7 +78,7 @@ def read_region(path: str | Path) -> np.ndarray:
                 bottom = min(top + REGION_STRIP, img.height)
                 out[top:bottom] = np.asarray(img.crop((0, top, img.width, bottom)))
             return out
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError) as err:
         raise InputError(f"region image {path} could not be read ({type(err).__name__}: {err})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit

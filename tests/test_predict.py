@@ -260,6 +260,11 @@ def test_tiles_with_overlap_are_the_image_windows() -> None:
         np.testing.assert_array_equal(got[i], image[y:y + 64, x:x + 64])
     with pytest.raises(InputError, match="does not fit"):
         TileGrid(50, 200, tile=64, stride=48)
+    assert TileGrid(64, 200, tile=64, stride=1).shape == (1, 137)
+    assert TileGrid(5, 5, tile=1, stride=1).shape == (5, 5)
+    for tile, stride in ((0, 8), (8, 0), (-8, 8), (8, -1)):
+        with pytest.raises(InputError, match="must be positive"):
+            TileGrid(100, 100, tile=tile, stride=stride)
 
 
 @pytest.mark.parametrize(("tile", "stride"), [(96, 96), (96, 48), (64, 40), (50, 70)])
@@ -281,10 +286,12 @@ def test_region_reads_images_beyond_pil_bomb_limit(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     image = np.random.default_rng(0).integers(0, 256, (600, 40, 3), dtype=np.uint8)  # more rows than a strip
     Image.fromarray(image).save(tmp_path / "big.png")
-    np.testing.assert_array_equal(read_region(tmp_path / "big.png"), image)
+    region = read_region(tmp_path / "big.png")
+    assert region.dtype == np.uint8
+    np.testing.assert_array_equal(region, image)
     assert Image.MAX_IMAGE_PIXELS == 100
     Image.fromarray(image[..., 0]).save(tmp_path / "grey.png")
-    with pytest.raises(InputError, match="grey.png is a L image"):
+    with pytest.raises(InputError, match="grey.png is a L image .1 channel.; pcamx models take RGB"):
         read_region(tmp_path / "grey.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:500])
     with pytest.raises(InputError, match="cut.png could not be read"):

@@ -113,17 +113,22 @@ def discover(inputs: Iterable[str | Path], skipped: Skipped | None = None) -> li
     return sources
 
 
+def check_rgb(img: Image.Image, path: Path) -> None:
+    """InputError unless `img` is 8-bit RGB (what PCam patches are and every pcamx model was trained on)."""
+    if img.mode != "RGB":
+        bands = len(img.getbands())
+        raise InputError(f"{path} is a {img.mode} image ({bands} channel{'s' if bands != 1 else ''}); pcamx "
+                         "models take RGB patches: convert it to RGB first (e.g. PIL's .convert('RGB')), "
+                         "or pass --skip-bad to leave it out")
+
+
 def read_image(path: Path) -> np.ndarray:
     """An RGB image file as uint8 (H, W, 3); InputError when it cannot be decoded or is not RGB."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode != "RGB":
-                bands = len(img.getbands())
-                raise InputError(f"{path} is a {img.mode} image ({bands} channel{'s' if bands != 1 else ''}); pcamx "
-                                 "models take RGB patches: convert it to RGB first (e.g. PIL's .convert('RGB')), "
-                                 "or pass --skip-bad to leave it out")
-            return np.asarray(img, dtype=np.uint8)
+            check_rgb(img, path)
+            return np.asarray(img)  # mode RGB: uint8
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, InputError):
             raise
