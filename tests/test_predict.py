@@ -24,6 +24,8 @@ from pcamx.operating_point import (
     rates_at,
     resolve_threshold,
     specificity_threshold,
+    threshold_metrics,
+    thresholds_of,
     youden_threshold,
 )
 from pcamx.pipeline import run
@@ -80,6 +82,19 @@ def test_threshold_beyond_every_score_is_finite_and_calls_nothing() -> None:
     t = specificity_threshold(y, p)
     assert np.isfinite(t) and t > 0.9
     assert rates_at(y, p, t) == {"threshold": t, "sensitivity": 0.0, "specificity": 1.0}
+    # Youden's J is <= 0 everywhere but at "call nothing" (J = 0, the first ROC point): also finite.
+    tj = youden_threshold(y, p)
+    assert np.isfinite(tj) and tj > 0.9
+
+
+def test_thresholds_travel_through_validation_metrics() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 300)
+    p = rng.random(300) * 0.6 + 0.3 * y
+    flat = threshold_metrics(y, p)
+    assert set(flat) == {"threshold_youden", "threshold_val95spec"}
+    assert thresholds_of({"auroc": 0.9, **flat}) == choose_thresholds(y, p)
+    assert thresholds_of({"auroc": 0.9}) == {"0.5": 0.5}
 
 
 def test_resolve_threshold_names_numbers_and_errors() -> None:
@@ -88,6 +103,7 @@ def test_resolve_threshold_names_numbers_and_errors() -> None:
     assert resolve_threshold("val95spec", points) == 0.77
     assert resolve_threshold("0.5", None) == 0.5
     assert resolve_threshold("0.3", None) == 0.3
+    assert resolve_threshold("0", None) == 0.0 and resolve_threshold("1", None) == 1.0  # both ends allowed
     with pytest.raises(ValueError, match="youden.*--threshold 0.5"):
         resolve_threshold("youden", None, where="old.pt")
     with pytest.raises(ValueError, match="one of 0.5, youden, val95spec"):
@@ -344,7 +360,50 @@ def test_unusable_inputs_name_the_file(tmp_path: Path, make, message: str) -> No
     skipped = Skipped()
     with pytest.raises(InputError, match="no patches to predict"):
         discover([path], skipped)
-    assert skipped.items[0][0] == str(path)
+    assert skipped.items[0][0] == str(path) and re.search(re.escape(message), skipped.items[0][1])
+
+
+@pytest.mark.parametrize(("shape", "dtype", "message"), [
+    ((2, 96, 96, 4), np.uint8, "shape (2, 96, 96, 4)"),
+    ((96, 96, 3), np.uint8, "shape (96, 96, 3)"),
+    ((2, 96, 96, 3), np.uint16, "dtype uint16"),
+    ((0, 96, 96, 3), np.uint8, "holds no patches"),
+])
+@pytest.mark.parametrize("suffix", [".npy", ".h5"])
+def test_arrays_of_the_wrong_layout_name_the_file(tmp_path: Path, shape, dtype, message: str, suffix: str) -> None:
+    path = tmp_path / f"bad{suffix}"
+    if suffix == ".npy":
+        np.save(path, np.zeros(shape, dtype))
+    else:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=np.zeros(shape, dtype))
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        discover([path])
+    assert str(err.value).startswith(str(path))
+
+
+def test_discover_keeps_every_input_in_order_with_its_count(tmp_path: Path) -> None:
+    n = 1024 + 6  # more rows than one slab
+    np.save(tmp_path / "a.npy", np.arange(n * 27, dtype=np.uint8).reshape(n, 3, 3, 3))
+    with h5py.File(tmp_path / "b_x.h5", "w") as f:
+        f.create_dataset("x", data=np.ones((130, 4, 4, 3), np.uint8))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")  # ignored in a folder
+    for name in ("z.PNG", "y.png"):
+        Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(folder / name)
+    Image.fromarray(np.full((5, 5, 3), 7, np.uint8)).save(tmp_path / "single.JPG")
+    sources = discover([tmp_path / "a.npy", tmp_path / "single.JPG", folder, tmp_path / "b_x.h5"])
+    assert [(s.path.name, s.kind, s.count) for s in sources] == [
+        ("a.npy", "npy", n), ("single.JPG", "image", 1), ("y.png", "image", 1), ("z.PNG", "image", 1),
+        ("b_x.h5", "h5", 130)]
+    got = list(batches(sources, batch_size=500))
+    names = [Path(name).name for b in got for name in b.sources]
+    indices = [i for b in got for i in b.indices]
+    assert names == ["a.npy"] * n + ["single.JPG", "y.png", "z.PNG"] + ["b_x.h5"] * 130
+    assert indices == [*range(n), 0, 0, 0, *range(130)]
+    first = torch.cat([b.images for b in got if b.sources[0].endswith("a.npy")])
+    np.testing.assert_array_equal(first.numpy(), np.load(tmp_path / "a.npy"))
 
 
 def test_images_of_different_sizes_are_batched_apart(tmp_path: Path) -> None:
