@@ -393,15 +393,15 @@ def test_discover_keeps_every_input_in_order_with_its_count(tmp_path: Path) -> N
     for name in ("z.PNG", "y.png"):
         Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(folder / name)
     Image.fromarray(np.full((5, 5, 3), 7, np.uint8)).save(tmp_path / "single.JPG")
-    sources = discover([tmp_path / "a.npy", tmp_path / "single.JPG", folder, tmp_path / "b_x.h5"])
+    sources = discover([tmp_path / "a.npy", tmp_path / "single.JPG", tmp_path / "b_x.h5", folder])
     assert [(s.path.name, s.kind, s.count) for s in sources] == [
-        ("a.npy", "npy", n), ("single.JPG", "image", 1), ("y.png", "image", 1), ("z.PNG", "image", 1),
-        ("b_x.h5", "h5", 130)]
+        ("a.npy", "npy", n), ("single.JPG", "image", 1), ("b_x.h5", "h5", 130), ("y.png", "image", 1),
+        ("z.PNG", "image", 1)]
     got = list(batches(sources, batch_size=500))
     names = [Path(name).name for b in got for name in b.sources]
     indices = [i for b in got for i in b.indices]
-    assert names == ["a.npy"] * n + ["single.JPG", "y.png", "z.PNG"] + ["b_x.h5"] * 130
-    assert indices == [*range(n), 0, 0, 0, *range(130)]
+    assert names == ["a.npy"] * n + ["single.JPG"] + ["b_x.h5"] * 130 + ["y.png", "z.PNG"]
+    assert indices == [*range(n), 0, *range(130), 0, 0]
     first = torch.cat([b.images for b in got if b.sources[0].endswith("a.npy")])
     np.testing.assert_array_equal(first.numpy(), np.load(tmp_path / "a.npy"))
 
