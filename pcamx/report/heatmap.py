@@ -27,7 +27,8 @@ def plot_heatmap(path: Path, image: np.ndarray, grid: TileGrid, probs: np.ndarra
     shown = ax.imshow(probs.reshape(rows, cols), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
                       extent=grid.cell_extent(), interpolation="nearest")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="P(tumour)")
-    ax.set(title=title, xlabel="x (px)", ylabel="y (px)")
+    # The whole image, margins the tiles do not cover included.
+    ax.set(title=title, xlabel="x (px)", ylabel="y (px)", xlim=(0, image.shape[1]), ylim=(image.shape[0], 0))
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
