@@ -182,6 +182,6 @@ def load_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> tuple[PCa
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"weights in {source} do not fit its own architecture: {err}") from err
-    info = {k: payload.get(k)
-            for k in ("model_name", "method", "method_config", "train_precision", "step", "val_metrics")}
+    info = {k: payload.get(k) for k in ("model_name", "method", "method_config", "train_precision", "step",
+                                        "val_metrics", INFERENCE_KEY, OPERATING_POINTS_KEY)}
     return model.eval(), {"path": str(source), "kind": "train", **info}

@@ -287,12 +287,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path = "model.onnx", *, tta_v
     require_export_dependencies()
     if batch < 1 or check_samples < 1:
         raise ValueError(f"--batch and --check-samples must be >= 1, got {batch} and {check_samples}")
-    settings, points = settings_with(checkpoint, resolution=resolution, tta_views=tta_views)
+    model, source = load_checkpoint(checkpoint, {})
+    settings, points = settings_with(source, resolution=resolution, tta_views=tta_views)
     views = settings.tta_views
     if settings.precision != "fp32" or settings.quant != "none":
         log.info("exporting in fp32; the run evaluated this model with precision=%s, quantization=%s",
                  settings.precision, settings.quant)
-    model, source = load_checkpoint(checkpoint, {})
     wrapper = ExportedClassifier(model.float().eval(), settings.resolution, views).eval()
     proto = to_onnx(wrapper, None if dynamic_batch else batch)
     session = onnx_session(proto.SerializeToString())

@@ -8,7 +8,6 @@ its settings from the run's resolved_config.yaml beside it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,10 +21,7 @@ from pcamx.checkpoint import (
     OPERATING_POINTS_KEY,
     CheckpointError,
     load_checkpoint,
-    read_checkpoint,
-    resolve_checkpoint,
 )
-from pcamx.compress.spec import ARCHITECTURE_FILE
 from pcamx.data.transforms import check_tta_views
 from pcamx.hardware import check_precision
 from pcamx.model import PCamClassifier
@@ -86,33 +82,17 @@ class LoadedModel:
     device: torch.device
 
 
-def _run_dir_of(source: Path) -> Path:
-    """The run directory a checkpoint file or compressed directory belongs to."""
-    return source.parent
-
-
-def _stored_records(source: Path) -> dict[str, Any]:
-    """The `inference` / `operating_points` records a checkpoint carries (possibly none)."""
-    if source.is_dir():
-        try:
-            extra = json.loads((source / ARCHITECTURE_FILE).read_text()).get("extra") or {}
-        except (OSError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{source / ARCHITECTURE_FILE} could not be read ({err})") from None
-        return extra
-    return read_checkpoint(source)
-
-
-def checkpoint_settings(checkpoint: str | Path) -> tuple[InferenceSettings, dict[str, Any] | None]:
-    """(inference settings, operating points) of a checkpoint (a run dir, best.pt / last.pt or compressed/)."""
-    source = resolve_checkpoint(checkpoint)
-    records = _stored_records(source)
-    points = records.get(OPERATING_POINTS_KEY)
-    if records.get(INFERENCE_KEY):
-        return InferenceSettings.from_dict(records[INFERENCE_KEY]), points
-    run_config = _run_dir_of(source) / RUN_CONFIG
+def stored_settings(source: Mapping[str, Any]) -> tuple[InferenceSettings, dict[str, Any] | None]:
+    """(inference settings, operating points) that a loaded checkpoint carries (`load_checkpoint`'s
+    description of it), or, for one written before they were recorded, its run's resolved_config.yaml."""
+    points = source.get(OPERATING_POINTS_KEY)
+    if source.get(INFERENCE_KEY):
+        return InferenceSettings.from_dict(source[INFERENCE_KEY]), points
+    path = Path(source["path"])
+    run_config = path.parent / RUN_CONFIG
     if not run_config.is_file():
         raise CheckpointError(
-            f"{source} does not record the resolution and TTA views it was trained and tested with, and no "
+            f"{path} does not record the resolution and TTA views it was trained and tested with, and no "
             f"{RUN_CONFIG} lies beside it in {run_config.parent}; copy the run's {RUN_CONFIG} there, or "
             "give the settings yourself (--resolution, --tta-views)"
         )
@@ -124,12 +104,12 @@ def checkpoint_settings(checkpoint: str | Path) -> tuple[InferenceSettings, dict
                               f"{err})") from None
 
 
-def settings_with(checkpoint: str | Path, **overrides: Any) -> tuple[InferenceSettings, dict[str, Any] | None]:
-    """The checkpoint's (settings, operating points), with `overrides` (resolution, tta_views, precision,
+def settings_with(source: Mapping[str, Any], **overrides: Any) -> tuple[InferenceSettings, dict[str, Any] | None]:
+    """A loaded checkpoint's (settings, operating points), with `overrides` (resolution, tta_views, precision,
     quant; None keeps the stored value) on top. A checkpoint that records no settings needs at least
     resolution and tta_views."""
     try:
-        stored, points = checkpoint_settings(checkpoint)
+        stored, points = stored_settings(source)
     except CheckpointError:
         if overrides.get("resolution") is None or overrides.get("tta_views") is None:
             raise
@@ -143,8 +123,8 @@ def settings_with(checkpoint: str | Path, **overrides: Any) -> tuple[InferenceSe
 def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu",
                        **overrides: Any) -> LoadedModel:
     """The checkpoint's classifier in eval mode on `device`, quantized as its settings (with `overrides`,
-    see `settings_with`) say."""
+    see `settings_with`) say. The checkpoint is read once."""
     device = torch.device(device)
-    settings, points = settings_with(checkpoint, **overrides)
     model, source = load_checkpoint(checkpoint, {})
+    settings, points = settings_with(source, **overrides)
     return LoadedModel(quantize(model.eval(), settings.quant, device), settings, points, source, device)
