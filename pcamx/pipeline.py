@@ -237,8 +237,8 @@ def quantize_stage(run: Run, model: torch.nn.Module) -> tuple[torch.nn.Module, d
 
 def test_precision(cfg: DictConfig) -> str:
     """An unquantized model runs at eval.precision; a quantized one in its own dtype (no autocast on top), so
-    bf16/int8 rows show what quantization changes."""
-    return "fp32" if cfg.quant.mode != "none" else cfg.eval.precision
+    bf16/int8 rows show what quantization changes (InferenceSettings says it once)."""
+    return InferenceSettings.from_run_config(cfg).precision
 
 
 def evaluate_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module | None,
