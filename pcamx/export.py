@@ -24,11 +24,10 @@ import copy
 import importlib
 import json
 import logging
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +38,12 @@ from torch import nn
 import pcamx
 from pcamx import io
 from pcamx.checkpoint import CheckpointError, load_checkpoint
-from pcamx.data.layout import IMAGE_SHAPE, X_KEY
+from pcamx.data.inputs import batches, discover
+from pcamx.data.layout import IMAGE_SHAPE
 from pcamx.data.synthetic import generate_split
 from pcamx.data.transforms import TTA_VIEWS, check_tta_views, tta_views
 from pcamx.evaluate import predict_batch
+from pcamx.footprint import median_ms
 from pcamx.inference import settings_with
 
 log = logging.getLogger("pcamx")
@@ -168,20 +169,11 @@ def check_inputs(n: int = CHECK_SAMPLES, seed: int = 0, h5: str | Path | None = 
 
 
 def read_h5_patches(path: str | Path, n: int) -> np.ndarray:
-    """The first `n` patches of a PCam x file (dataset "x", uint8 (N, 96, 96, 3))."""
-    import h5py
-
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            if X_KEY not in f:
-                raise ValueError(f"{path} has no {X_KEY!r} dataset: pass a PCam *_x.h5 file to --check-h5")
-            x = f[X_KEY]
-            if x.dtype != np.uint8 or tuple(x.shape[1:]) != IMAGE_SHAPE or len(x) == 0:
-                raise ValueError(f"{path}:{X_KEY} is {x.dtype} {tuple(x.shape)}, expected uint8 (N, 96, 96, 3)")
-            return np.asarray(x[:n])
-    except OSError as err:
-        raise ValueError(f"--check-h5 {path} could not be read as HDF5 ({err})") from None
+    """The first `n` patches of a PCam x file (dataset "x", uint8 (N, 96, 96, 3)), read as predict reads it."""
+    (source,) = discover([path])  # an InputError (a ValueError) names the file and what is wrong with it
+    if source.kind != "h5":
+        raise ValueError(f"--check-h5 {path}: give a PCam *_x.h5 file")
+    return next(batches([source], n)).images.numpy()
 
 
 def onnx_probabilities(session: Any, images: np.ndarray, batch: int) -> np.ndarray:
@@ -216,20 +208,6 @@ def check_parity(session: Any, wrapper: ExportedClassifier, inputs: Mapping[str,
 
 
 # ---------------------------------------------------------------- latency
-
-
-def median_ms(step: Callable[[], Any], iters: int = LATENCY_ITERS, warmup: int = LATENCY_WARMUP) -> float:
-    """Median wall-clock milliseconds of `step` over `iters` calls after `warmup` untimed ones."""
-    if iters < 1:
-        raise ValueError(f"latency iterations must be >= 1, got {iters}")
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def compare_latency(session: Any, wrapper: ExportedClassifier, batch: int = 1, iters: int = LATENCY_ITERS,

@@ -16,6 +16,8 @@ import contextlib
 import io
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from ptflops import get_model_complexity_info
@@ -115,23 +117,33 @@ def _eval_mode(model: nn.Module):
             m.training = training
 
 
+def median_ms(step: Callable[[], Any], iters: int = 50, warmup: int = 10,
+              device: torch.device | None = None) -> float:
+    """Median wall-clock milliseconds of `step()` over `iters` calls after `warmup` untimed ones. With a
+    `device`, both ends of each call are synchronised so a sample covers exactly that call's kernels."""
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device is not None:
+            sync(device)
+        start = time.perf_counter()
+        step()
+        if device is not None:
+            sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def latency_ms(model: nn.Module, example_batch: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
     """Median wall-clock milliseconds of one eval-mode forward on `example_batch`."""
     if iters < 1:
         raise ValueError("iters must be >= 1")
     x = _prepare(model, example_batch)
-    times = []
     with _eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(iters):
-            # Synchronise both ends so each sample covers exactly one forward's kernels.
-            sync(x.device)
-            start = time.perf_counter()
-            model(x)
-            sync(x.device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return median_ms(lambda: model(x), iters, warmup, x.device)
 
 
 def throughput_ips(model: nn.Module, batch: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
