@@ -188,3 +188,21 @@ def test_bench_latency_figures() -> None:
     figures = export.export_latency_figures(tiny_model(), 32, 1, batch=1, iters=1, warmup=0)
     assert figures["onnxruntime_cpu_ms"] > 0 and figures["pytorch_cpu_ms"] > 0
     assert figures["max_abs_diff"] <= 1e-4 and figures["export_s"] > 0
+
+
+def test_check_h5_reads_pcam_layout_and_names_a_bad_file(tmp_path: Path) -> None:
+    import h5py
+
+    from pcamx.export import read_h5_patches
+
+    patches = np.arange(5 * 96 * 96 * 3, dtype=np.uint8).reshape(5, 96, 96, 3)
+    with h5py.File(tmp_path / "t_x.h5", "w") as f:
+        f.create_dataset("x", data=patches)
+    np.testing.assert_array_equal(read_h5_patches(tmp_path / "t_x.h5", 3), patches[:3])
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("x", data=np.zeros((2, 96, 96), np.uint8))
+    with pytest.raises(ValueError, match=r"bad\.h5.*\(N, H, W, 3\) uint8"):
+        read_h5_patches(tmp_path / "bad.h5", 2)
+    np.save(tmp_path / "a.npy", patches)
+    with pytest.raises(ValueError, match="give a PCam \\*_x.h5 file"):
+        read_h5_patches(tmp_path / "a.npy", 2)
