@@ -16,10 +16,10 @@ test-slow: $(VENV)/.installed-test
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check pcamx tests scripts hydra_plugins run.py
+	$(BIN)/ruff check pcamx tests scripts hydra_plugins benchmarks run.py
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/python -m pcamx.bench
+	$(BIN)/python -m benchmarks
 
 # Planted bugs, automatically: mutmut over the modules users trust for arithmetic ([tool.mutmut] in
 # pyproject.toml), then the score per module. Not in CI (about half an hour on 2 cores); see docs/testing.md.

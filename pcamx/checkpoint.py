@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from transformers import DINOv3ViTConfig
 
-from pcamx import io
 from pcamx.compress.spec import ARCHITECTURE_FILE, load_compressed, update_extra
 from pcamx.model import PCamClassifier, build_classifier
+from pcamx.runtime import disk
 
 log = logging.getLogger("pcamx")
 COMPRESSED_DIR = "compressed"
@@ -31,7 +31,7 @@ TRAIN_CHECKPOINTS = ("best.pt", "last.pt")
 RESUME_FILE = "resume.pt"
 DIGEST_KEY = "sha256"
 # What travels with every model pcamx saves (`.pt` payload keys; a compressed checkpoint's architecture.json
-# "extra"): its pcamx.inference.InferenceSettings and the operating points chosen on validation.
+# "extra"): its pcamx.inference.settings.InferenceSettings and the operating points chosen on validation.
 INFERENCE_KEY = "inference"
 OPERATING_POINTS_KEY = "operating_points"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -78,7 +78,7 @@ def content_digest(payload: Mapping[str, Any]) -> str:
 
 def save_checkpoint(payload: Mapping[str, Any], path: str | Path) -> Path:
     """Write `payload` atomically with its content digest."""
-    return io.torch_save({**payload, DIGEST_KEY: content_digest(payload)}, path)
+    return disk.torch_save({**payload, DIGEST_KEY: content_digest(payload)}, path)
 
 
 def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:

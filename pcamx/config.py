@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from pcamx.metrics import SELECT_METRICS
+from pcamx.evaluation.metrics import SELECT_METRICS
 
 # StrEnum: a value reads, compares, formats and serializes as its plain string ("cuda" == Device.cuda).
 SelectMetric = StrEnum("SelectMetric", {name: name for name in SELECT_METRICS})

@@ -4,7 +4,7 @@ returns P(tumour).
     python -m pcamx.export CHECKPOINT --format onnx [--out model.onnx] [--dynamic-batch] [--tta-views 8]
 
 CHECKPOINT is a run directory, its best.pt / last.pt or its compressed/ directory (per-layer head counts,
-MLP widths and SVD factors come with it). The graph folds in everything `pcamx.evaluate.predict_batch` does:
+MLP widths and SVD factors come with it). The graph folds in everything `pcamx.evaluation.evaluate.predict_batch` does:
 uint8 NHWC (N, 96, 96, 3) → float [0, 1] → the TTA views → bilinear resize to the model's resolution
 (antialiased when shrinking, as in training) → ImageNet normalization → the fp32 model → softmax → the mean of
 P(tumour) over the views: float32 (N,). It is written only after ONNX Runtime (CPU) has reproduced PyTorch's
@@ -36,15 +36,15 @@ import torch
 from torch import nn
 
 import pcamx
-from pcamx import io
 from pcamx.checkpoint import CheckpointError, load_checkpoint
-from pcamx.data.inputs import batches, discover
 from pcamx.data.layout import IMAGE_SHAPE
 from pcamx.data.synthetic import generate_split
 from pcamx.data.transforms import TTA_VIEWS, check_tta_views, tta_views
-from pcamx.evaluate import predict_batch
-from pcamx.footprint import median_ms
-from pcamx.inference import settings_with
+from pcamx.evaluation.evaluate import predict_batch
+from pcamx.evaluation.footprint import median_ms
+from pcamx.inference.inputs import batches, discover
+from pcamx.inference.settings import settings_with
+from pcamx.runtime import disk
 
 log = logging.getLogger("pcamx")
 
@@ -288,12 +288,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path = "model.onnx", *, tta_v
     proto.doc_string = f"pcamx {pcamx.__version__} PCam classifier. input {INPUT_DOC}; output {OUTPUT_DOC}"
     data = proto.SerializeToString()
     out = Path(out)
-    with io.atomic_path(out, len(data)) as tmp:
+    with disk.atomic_path(out, len(data)) as tmp:
         tmp.write_bytes(data)
     record = {"format": "onnx", "onnx": str(out), "bytes": len(data), "checkpoint": source,
               "settings": settings_record, "signature": graph_signature(proto), "parity": parity,
               "latency": latency, "operating_points": points, "pcamx_version": pcamx.__version__}
-    io.write_json(report_path(out), record)
+    disk.write_json(report_path(out), record)
     return record
 
 

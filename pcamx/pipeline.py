@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pcamx import interrupts, io
 from pcamx.checkpoint import (
     COMPRESSED_DIR,
     INFERENCE_KEY,
@@ -31,27 +30,28 @@ from pcamx.checkpoint import (
 )
 from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import PrunePlan, plan, run_plan
+from pcamx.compress.quant import check_quantization, eval_precision_label, quantize
 from pcamx.compress.spec import save_compressed
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.synthetic import ensure_synthetic, is_synthetic
 from pcamx.data.transforms import ColorJitter, preprocess
-from pcamx.evaluate import evaluate, view_count
-from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
-from pcamx.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
-from pcamx.heal import heal
-from pcamx.inference import InferenceSettings
-from pcamx.interrupts import RunInterrupted
-from pcamx.locks import RunDirBusy, claim_run_dir
-from pcamx.methods import apply_method
-from pcamx.metrics import METRIC_NAMES, METRICS, binary_metrics
+from pcamx.evaluation.evaluate import evaluate, view_count
+from pcamx.evaluation.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
+from pcamx.evaluation.metrics import METRIC_NAMES, METRICS, binary_metrics
+from pcamx.evaluation.operating_points import choose_thresholds, operating_points, rates_at
+from pcamx.evaluation.uncertainty import apply_temperature, confidence_intervals, fit_temperature, paired_comparison
+from pcamx.inference.settings import InferenceSettings
 from pcamx.model import build_model
-from pcamx.operating_point import choose_thresholds, operating_points, rates_at
-from pcamx.quant import check_quantization, eval_precision_label, quantize
 from pcamx.report.format import format_interval, format_value, percent_change
-from pcamx.report.run_files import plot_reliability, plot_roc, write_predictions
-from pcamx.tracking import Tracker
-from pcamx.train import Session, train
-from pcamx.uncertainty import apply_temperature, confidence_intervals, fit_temperature, paired_comparison
+from pcamx.report.run_outputs import plot_reliability, plot_roc, write_predictions
+from pcamx.runtime import disk, interrupts
+from pcamx.runtime.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
+from pcamx.runtime.interrupts import RunInterrupted
+from pcamx.runtime.locks import RunDirBusy, claim_run_dir
+from pcamx.runtime.tracking import Tracker
+from pcamx.training.heal import heal
+from pcamx.training.loop import Session, train
+from pcamx.training.methods import apply_method
 
 log = logging.getLogger("pcamx")
 
@@ -101,13 +101,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     lock = claim_run_dir(run_dir)
     hydra_files = _snapshot(run_dir / ".hydra")
     try:
-        for stale in io.remove_stale_temps(run_dir):
+        for stale in disk.remove_stale_temps(run_dir):
             log.info("removed %s, left by a write that was killed", stale)
         with interrupts.handling():
             return _run(cfg, run_dir)
     except RunInterrupted as err:
         resumable = (run_dir / RESUME_FILE).is_file()
-        io.write_json(run_dir / "metrics.json", {
+        disk.write_json(run_dir / "metrics.json", {
             "status": "interrupted", "signal": signal.Signals(err.signum).name, "step": err.step,
             "resume": "rerun the same command (resume=auto) to continue from resume.pt" if resumable else
                       "no training progress to keep: rerunning starts over",
@@ -115,7 +115,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         })
         raise
     except Exception as err:
-        io.write_json(run_dir / "metrics.json", {
+        disk.write_json(run_dir / "metrics.json", {
             "status": "failed", "reason": getattr(err, "reason", "error"), "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(), "run_dir": str(run_dir),
         })
@@ -153,7 +153,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Run:
     device = resolve_device(cfg.hardware.device)
     cfg = effective_precisions(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
-    io.write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(config))
+    disk.write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(config))
     seed_everything(cfg.seed)
     setup_threads(cfg.hardware)
     validate_config(cfg, device)
@@ -341,7 +341,7 @@ def report_stage(run: Run, labels: np.ndarray, probs: np.ndarray, calibrated: np
     reliability = plot_reliability(run.run_dir / "calibration.png", [(method, labels, probs)] + (
         [(f"{method}, T={metrics['calibration']['temperature']:.3g}", labels, calibrated)]
         if calibrated is not None else []), title)
-    io.write_json(run.run_dir / "metrics.json", metrics)
+    disk.write_json(run.run_dir / "metrics.json", metrics)
     run.tracker.summary({f"test/{k}": metrics[k] for k in METRIC_NAMES} | {"data": source})
     run.tracker.log_image("test/roc", roc)
     run.tracker.log_image("test/calibration", reliability)
@@ -386,7 +386,7 @@ def _restore(directory: Path, files: dict[Path, bytes]) -> None:
     before the refused run reaches its lock)."""
     for path, content in files.items():
         if not path.is_file() or path.read_bytes() != content:
-            io.write_text(path, content.decode())
+            disk.write_text(path, content.decode())
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:

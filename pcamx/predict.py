@@ -25,17 +25,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pcamx import io
 from pcamx.checkpoint import CheckpointError
-from pcamx.data.inputs import Batch, InputError, Skipped, batches, discover
+from pcamx.compress.quant import QUANT_MODES
 from pcamx.data.transforms import TTA_VIEWS
-from pcamx.evaluate import predict_batch
-from pcamx.hardware import DEVICES, PRECISIONS, resolve_device
-from pcamx.inference import InferenceSettings, LoadedModel, load_for_inference
-from pcamx.operating_point import THRESHOLD_RULES, resolve_threshold
-from pcamx.quant import QUANT_MODES
-from pcamx.region import TileGrid, read_region, tile_batches
+from pcamx.evaluation.evaluate import predict_batch
+from pcamx.evaluation.operating_points import THRESHOLD_RULES, resolve_threshold
+from pcamx.inference.inputs import Batch, InputError, Skipped, batches, discover
+from pcamx.inference.region import TileGrid, read_region, tile_batches
+from pcamx.inference.settings import InferenceSettings, LoadedModel, load_for_inference
 from pcamx.report.heatmap import plot_heatmap
+from pcamx.runtime import disk
+from pcamx.runtime.hardware import DEVICES, PRECISIONS, resolve_device
 
 log = logging.getLogger("pcamx")
 DEFAULT_BATCH = 64
@@ -78,7 +78,7 @@ def write_csv(path: Path, preds: Predictions, threshold: float, extra: dict[str,
     for k, (source, index, p) in enumerate(zip(preds.sources, preds.indices, preds.probs, strict=True)):
         cells = [_csv_cell(source), str(index), *(str(c[k]) for c in columns), f"{p:.8f}", str(int(p >= threshold))]
         lines.append(",".join(cells))
-    return io.write_text(path, "\n".join(lines) + "\n")
+    return disk.write_text(path, "\n".join(lines) + "\n")
 
 
 def _csv_cell(text: str) -> str:
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_csv(out, preds, threshold)
         extra = {}
     record = {**describe(loaded, args, threshold, len(preds.probs), skipped, note), **extra, "csv": str(out)}
-    io.write_json(out.with_suffix(".json"), record)
+    disk.write_json(out.with_suffix(".json"), record)
     return record
 
 

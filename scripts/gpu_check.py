@@ -9,7 +9,7 @@ Steps, each time-boxed and reported even when an earlier one failed:
                patches: method=lora, bf16 + torch.compile, 1 epoch; then compress + bf16 and + int8 from its
                checkpoint; every artifact checked; python -m pcamx.predict with the trained and the int8
                model on the test file (against their predictions.csv) and on a synthetic region
-  bench        python -m pcamx.bench --device cuda, sized to fit
+  bench        python -m benchmarks --device cuda, sized to fit
 The report (GPU, driver, versions, each step with its time, the bench tables) is printed and written with
 the logs into --out. --quick fits in about 3.5 minutes, the full check in about 9 on one H200. --dry-run
 checks every step's command without CUDA or wheels: the installs are listed, the imports tried, the CUDA
@@ -128,8 +128,8 @@ def build_steps(mode: str, work: Path, out: Path, wheels: Path, site: Path, devi
              # A single composition has no comma lists: the sweep's quant=bf16,int8 is checked as int8.
              check=[python(), str(REPO / "scripts" / "gpu_check.py"), "--compose",
                     json.dumps([train, ["quant=int8" if a.startswith("quant=") else a for a in compress]])]),
-        Step("bench", [[python(), "-m", "pcamx.bench", *bench_args]],
-             check=[python(), "-c", "import sys; from pcamx.bench.cli import build_parser; "
+        Step("bench", [[python(), "-m", "benchmarks", *bench_args]],
+             check=[python(), "-c", "import sys; from benchmarks.cli import build_parser; "
                     "print(build_parser().parse_args(sys.argv[1:]))", *bench_args]),
     ]
 
@@ -242,7 +242,7 @@ def report(steps: list[Step], mode: str, dry_run: bool, facts: dict[str, str], o
         text = bench_md.read_text()
         start = text.find("## pcamx bench")
         if start >= 0:
-            lines += ["", text[start:].split("\n[pcamx.bench]")[0].strip()]
+            lines += ["", text[start:].split("\n[benchmarks]")[0].strip()]
     return "\n".join(lines) + "\n"
 
 

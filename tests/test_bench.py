@@ -1,4 +1,4 @@
-"""Smoke test of `python -m pcamx.bench`: one step per figure on CPU with the tiny model at 32 px.
+"""Smoke test of `python -m benchmarks`: one step per figure on CPU with the tiny model at 32 px.
 
 Only the shape of bench.json is checked; timings on a shared CI machine mean nothing."""
 
@@ -9,10 +9,11 @@ import math
 
 import pytest
 
-from pcamx.bench import main
-from pcamx.bench.sections import SECTIONS, budget_variants
-from pcamx.methods import METHODS
+from benchmarks import main
+from benchmarks.sections import SECTIONS, budget_variants
+from pcamx.training.methods import METHODS
 
+pytestmark = pytest.mark.slow
 CONDITIONS = ("device", "threads", "torch", "batch_size", "resolution")
 
 
@@ -153,7 +154,7 @@ def test_export_latency(bench):
 
 
 def test_new_sections_rendered(bench):
-    from pcamx.bench.report import render_markdown
+    from benchmarks.report import render_markdown
 
     text = render_markdown(bench)
     assert "### pcamx.predict on a folder of PNG patches" in text and "Same probabilities: 1 view(s)" in text

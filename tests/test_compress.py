@@ -28,7 +28,7 @@ from pcamx.compress import (
 from pcamx.compress.energy import kept_fraction
 from pcamx.compress.heads import head_energies
 from pcamx.compress.mlp import neuron_energies
-from pcamx.footprint import count_params as count_parameters
+from pcamx.evaluation.footprint import count_params as count_parameters
 from pcamx.model import PCamClassifier, architecture, build_model
 
 TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)

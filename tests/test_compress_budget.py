@@ -19,7 +19,7 @@ from pcamx.compress.heads import HEADS
 from pcamx.compress.importance import activation, taylor, unit_scores
 from pcamx.compress.mlp import MLP
 from pcamx.compress.units import allocate, prune_units
-from pcamx.footprint import count_params
+from pcamx.evaluation.footprint import count_params
 
 
 def calibration(n: int = 2, batch: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,7 +13,7 @@ from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
 from pcamx.checkpoint import CheckpointError
 from pcamx.compress.chain import plan
-from pcamx.metrics import METRIC_NAMES
+from pcamx.evaluation.metrics import METRIC_NAMES
 
 
 @pytest.mark.parametrize("override", ["prune.tau=1.5", "prune.tau=0", "prune.tau={heads:0.9,mlp:-0.2,svd:0.9}"])
@@ -38,8 +38,8 @@ def test_unknown_prune_method_errors() -> None:
 @pytest.fixture(scope="module")
 def compressed_run(small_pcam: Path, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("compressed") / "run"
-    cfg = compose_config(*fast_overrides(small_pcam, "method=lora", "prune=all", "prune.tau=0.9",
-                                         "eval.tta=false"))
+    cfg = compose_config(*fast_overrides(small_pcam, "method=lora", "prune=all", "prune.tau=0.9", "eval.tta=false",
+                                         "eval.measure_speed=true", "eval.bootstrap=200"))
     pipeline.run(cfg, run_dir=run_dir)
     return run_dir
 
@@ -100,6 +100,7 @@ def test_healing_a_checkpoint_needs_its_training_method(compressed_run: Path, sm
         pipeline.run(cfg, run_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_healing_lowers_distillation_loss_and_keeps_val_auroc(demo_run: Path, tmp_path: Path) -> None:
     cfg = compose_config("experiment=demo", f"data.root={demo_run.parent / 'synthetic'}",
                          f"checkpoint={demo_run / 'best.pt'}", "prune=all", "prune.tau=0.5",
@@ -115,7 +116,7 @@ def test_healing_lowers_distillation_loss_and_keeps_val_auroc(demo_run: Path, tm
 def test_lora_heals_a_factorized_model(small_pcam: Path, tmp_path: Path) -> None:
     # After truncated SVD the targets are LowRankLinear pairs: LoRA adapts both halves.
     cfg = compose_config(*fast_overrides(small_pcam, "method=lora", "prune=svd", "prune.tau=0.5",
-                                         "prune.heal_epochs=1", "eval.measure_speed=false"))
+                                         "prune.heal_epochs=1"))
     m = pipeline.run(cfg, run_dir=tmp_path)
     assert any(row["replaced"] for row in m["compression"]["svd"])
     assert m["heal"]["history"] and m["status"] == "ok"

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
-from pcamx.hardware import resolve_device
+from pcamx.runtime.hardware import resolve_device
 
 GROUPS = ["data", "model", "method", "prune", "quant", "hardware", "experiment", "debug"]
 

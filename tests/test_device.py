@@ -19,12 +19,12 @@ from pcamx import pipeline
 from pcamx.data import device_loader
 from pcamx.data.device_loader import to_device
 from pcamx.data.transforms import ColorJitter
-from pcamx.evaluate import predict_batch
-from pcamx.footprint import gflops, latency_ms, throughput_ips
-from pcamx.methods import METHODS, apply_method
+from pcamx.evaluation.evaluate import predict_batch
+from pcamx.evaluation.footprint import gflops, latency_ms, throughput_ips
 from pcamx.model import PCamClassifier, build_model
-from pcamx.optim import build_optimizer
-from pcamx.train import train_step
+from pcamx.training.loop import train_step
+from pcamx.training.methods import METHODS, apply_method
+from pcamx.training.optim import build_optimizer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 JITTER = ColorJitter(0.1, 0.1, 0.1, 0.03)

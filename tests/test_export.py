@@ -18,7 +18,7 @@ from pcamx.compress.heads import attention_blocks
 from pcamx.compress.spec import save_compressed
 from pcamx.compress.svd import LowRankLinear
 from pcamx.data.synthetic import generate_split
-from pcamx.evaluate import predict_batch
+from pcamx.evaluation.evaluate import predict_batch
 from pcamx.model import architecture, build_classifier
 
 WHY = "ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[export]'"

@@ -21,14 +21,16 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config, fast_overrides, read_predictions
-from pcamx import io, pipeline, train
+from pcamx import pipeline
 from pcamx.checkpoint import RESUME_FILE, CheckpointError, load_checkpoint, read_checkpoint
 from pcamx.data.pcam import PCamDataError, PCamSplit
 from pcamx.data.synthetic import write_synthetic
-from pcamx.interrupts import RunInterrupted
-from pcamx.locks import RUN_LOCK, RunDirBusy
-from pcamx.resume import ResumeMismatchError
-from pcamx.train import TrainingDiverged
+from pcamx.runtime import disk
+from pcamx.runtime.interrupts import RunInterrupted
+from pcamx.runtime.locks import RUN_LOCK, RunDirBusy
+from pcamx.training import loop as train
+from pcamx.training.loop import TrainingDiverged
+from pcamx.training.resume import ResumeMismatchError
 
 TINY_MODEL = {"name": "dinov3_tiny"}
 
@@ -38,7 +40,7 @@ class Killed(BaseException):
 
 
 def overrides(root: Path, *extra: str) -> list[str]:
-    return fast_overrides(root, "train.epochs=2", "train.checkpoint_every=3", "eval.measure_speed=false", *extra)
+    return fast_overrides(root, "train.epochs=2", "train.checkpoint_every=3", *extra)
 
 
 def kill_at(monkeypatch: pytest.MonkeyPatch, at: int, action) -> None:
@@ -103,7 +105,7 @@ def test_resume_accepts_settings_that_do_not_change_training_and_logs_it(
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process owning `run_dir`, as a second run would."""
-    code = ("import sys, time; from pathlib import Path; from pcamx.locks import claim_run_dir; "
+    code = ("import sys, time; from pathlib import Path; from pcamx.runtime.locks import claim_run_dir; "
             "claim_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -140,6 +142,7 @@ def test_default_run_directories_differ_within_a_second() -> None:
     assert len(run_dir.rsplit("-", 1)[-1]) == 6  # microseconds after HH-MM-SS
 
 
+@pytest.mark.slow
 def test_concurrent_runs_generate_synthetic_data_once(tmp_path: Path) -> None:
     root = tmp_path / "synthetic"
     code = ("import sys; from pcamx.data import synthetic; real = synthetic.write_synthetic\n"
@@ -205,6 +208,7 @@ def test_sigterm_mid_training_saves_and_the_rerun_ends_identically(small_pcam: P
                                   read_predictions(tmp_path / "uninterrupted" / "predictions.csv")[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signalled_run_prints_one_line_and_exits_128_plus_signal(small_pcam: Path, tmp_path: Path, sig: int,
                                                                    code: int) -> None:
@@ -321,9 +325,9 @@ def test_a_full_disk_names_the_directory_and_the_bytes_needed(tmp_path: Path, mo
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470")
 
-    monkeypatch.setattr(io.torch, "save", full)
-    with pytest.raises(io.DiskFullError) as err:
-        io.torch_save({"w": torch.zeros(1000)}, tmp_path / "best.pt")
+    monkeypatch.setattr(disk.torch, "save", full)
+    with pytest.raises(disk.DiskFullError) as err:
+        disk.torch_save({"w": torch.zeros(1000)}, tmp_path / "best.pt")
     assert err.value.errno == errno.ENOSPC
     assert f"into {tmp_path} needs about 4,000 bytes" in str(err.value) and "bytes are free there" in str(err.value)
     assert list(tmp_path.iterdir()) == []  # no temp file left
@@ -331,9 +335,9 @@ def test_a_full_disk_names_the_directory_and_the_bytes_needed(tmp_path: Path, mo
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", no_space)
-    with pytest.raises(io.DiskFullError, match="needs about 12 bytes"):
-        io.write_text(tmp_path / "metrics.json", "x" * 12)
+    monkeypatch.setattr(disk.os, "fsync", no_space)
+    with pytest.raises(disk.DiskFullError, match="needs about 12 bytes"):
+        disk.write_text(tmp_path / "metrics.json", "x" * 12)
 
 
 def test_results_are_readable_as_the_umask_allows_and_stale_temps_are_removed(small_pcam: Path,
@@ -346,17 +350,18 @@ def test_results_are_readable_as_the_umask_allows_and_stale_temps_are_removed(sm
     pipeline.run(compose_config(*overrides(small_pcam)), run_dir=run_dir)
     assert not any(p.exists() for p in stale)
     for name in ("metrics.json", "best.pt", "predictions.csv", "resolved_config.yaml"):
-        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~io.UMASK, name
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~disk.UMASK, name
 
 
 # ---------------------------------------------------------------- make bench on a venv without torchvision
 
 
+@pytest.mark.slow
 def test_bench_imports_and_explains_without_torchvision() -> None:
     code = ("import sys; sys.modules['torchvision'] = None\n"
-            "from pcamx.bench.cli import build_parser\n"
+            "from benchmarks.cli import build_parser\n"
             "assert build_parser().parse_args(['--quick']).quick\n"
-            "from pcamx.bench.reference import reference_augmentation\n"
+            "from benchmarks.reference import reference_augmentation\n"
             "try:\n    reference_augmentation()\nexcept ImportError as err:\n    print(err)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -366,13 +371,14 @@ def test_bench_imports_and_explains_without_torchvision() -> None:
 # ---------------------------------------------------------------- a sweep job lost to SIGKILL
 
 
+@pytest.mark.slow
 def test_a_sweep_job_killed_with_sigkill_still_gets_its_table(small_pcam: Path, tmp_path: Path) -> None:
     """What OOM, scancel or a node failure do to a Slurm job, with submitit's local executor: the job's
     process dies without a result. The sweep still writes its tables, with the job as a failed row."""
     sweep = tmp_path / "sweep"
     fast = [o for o in fast_overrides(small_pcam) if not o.startswith("hardware=")]
     command = [sys.executable, "run.py", "-m", "hardware=submitit_local", *fast, "hardware.num_threads=1",
-               "train.epochs=1,400", "eval.measure_speed=false", f"hydra.sweep.dir={sweep}"]
+               "train.epochs=1,400", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_MODE": "disabled"})
     victim, deadline = None, time.time() + 180

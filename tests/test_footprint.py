@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DINOv3ViTModel
 
-from pcamx.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
+from pcamx.evaluation.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
 from pcamx.model import PCamClassifier, architecture
 
 # Hand counts for DINOv3 ViT-S/16 (d=384, MLP 1536, 12 layers, 4 registers, key_bias=False).

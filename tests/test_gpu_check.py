@@ -36,6 +36,7 @@ def dry_run(tmp_path: Path, wheels: Path, *extra: str) -> subprocess.CompletedPr
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_dry_run_checks_every_step_and_writes_the_report(tmp_path: Path) -> None:
     proc = dry_run(tmp_path, wheels_dir(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, fast_overrides
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 PARTITION = "pcamx-test"
 VENV = Path(sys.executable).parent
 
@@ -25,7 +25,7 @@ def slurm_sweep(root: Path, sweep: Path, *extra: str) -> list[str]:
     """hardware=a100 with CPU overrides: what a user would try on the local cluster before the real one."""
     fast = [o for o in fast_overrides(root) if not o.startswith("hardware=")]
     return [sys.executable, "run.py", "-m", "hardware=a100", *fast, "hardware.device=cpu", "hardware.compile=false",
-            "hardware.precision=fp32", "hardware.num_threads=1", "eval.measure_speed=false",
+            "hardware.precision=fp32", "hardware.num_threads=1",
             "hydra.launcher.gpus_per_node=null", f"hydra.launcher.partition={PARTITION}",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
             f"hydra.launcher.setup=['export PATH={VENV}:$PATH']", *extra, f"hydra.sweep.dir={sweep}"]
@@ -75,7 +75,6 @@ def test_a_cancelled_job_is_a_failed_row_and_the_command_fails(local_slurm, smal
     assert table["1"]["override.train.epochs"] == "400" and (sweep / "summary.md").is_file()
 
 
-@pytest.mark.slow
 def test_timeout_requeue_resumes_and_ends_like_an_uninterrupted_run(local_slurm, small_pcam: Path,
                                                                     tmp_path: Path) -> None:
     """One-minute time limit, USR2 25 s before it: the job saves after its current step, submitit requeues
@@ -85,7 +84,7 @@ def test_timeout_requeue_resumes_and_ends_like_an_uninterrupted_run(local_slurm,
     reference_dir = tmp_path / "uninterrupted"
     # The uninterrupted run of the same config goes on meanwhile (the Slurm job waits out its requeue delay).
     reference = subprocess.Popen(
-        [sys.executable, "run.py", *fast_overrides(small_pcam, "hardware.num_threads=1", "eval.measure_speed=false",
+        [sys.executable, "run.py", *fast_overrides(small_pcam, "hardware.num_threads=1",
                                                    *long_run), f"hydra.run.dir={reference_dir}"],
         cwd=REPO, env=env(local_slurm), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(slurm_sweep(small_pcam, sweep, *long_run, "hydra.launcher.timeout_min=1",

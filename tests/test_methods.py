@@ -8,8 +8,8 @@ from peft import PeftModel
 from torch import nn
 
 from conftest import TINY_MODEL, method_config
-from pcamx.methods import apply_method, merge_lora, plain_state_dict
 from pcamx.model import PCamClassifier, build_model
+from pcamx.training.methods import apply_method, merge_lora, plain_state_dict
 
 
 def tiny() -> PCamClassifier:

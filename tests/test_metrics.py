@@ -10,7 +10,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pcamx.metrics import (
+from pcamx.evaluation.metrics import (
     METRIC_ALIASES,
     METRIC_NAMES,
     NLL_EPS,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DINOv3ViTModel
 
-from pcamx.footprint import count_params as count_parameters
+from pcamx.evaluation.footprint import count_params as count_parameters
 from pcamx.model import ModelLoadError, PCamClassifier, architecture, build_model
 
 

@@ -15,10 +15,10 @@ from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.synthetic import PATCHES_PER_SLIDE
-from pcamx.evaluate import predict
-from pcamx.metrics import binary_metrics
+from pcamx.evaluation.evaluate import predict
+from pcamx.evaluation.metrics import binary_metrics
+from pcamx.evaluation.uncertainty import apply_temperature, fit_temperature
 from pcamx.model import PCamClassifier, build_model
-from pcamx.uncertainty import apply_temperature, fit_temperature
 
 METRIC_KEYS = {"auroc", "auprc", "sens_at_95spec", "ece", "brier", "acc", "nll"}
 RUN_FILES = {"metrics.json", "predictions.csv", "roc.png", "calibration.png", "best.pt", "last.pt",
@@ -72,8 +72,7 @@ def test_real_vits16_loading_path_reports_its_size(small_pcam: Path, tmp_path: P
 
 @pytest.mark.parametrize("select", ["sens95", "val_loss", "ece"])
 def test_every_select_metric_picks_a_checkpoint(small_pcam: Path, tmp_path: Path, select: str) -> None:
-    cfg = compose_config(*fast_overrides(small_pcam, f"train.select_metric={select}", "train.val_every=0.5",
-                                         "eval.measure_speed=false"))
+    cfg = compose_config(*fast_overrides(small_pcam, f"train.select_metric={select}", "train.val_every=0.5"))
     metrics = pipeline.run(cfg, run_dir=tmp_path)
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
     assert ckpt["step"] == metrics["best_step"] and ckpt["val_metrics"] == metrics["val"]
@@ -87,6 +86,7 @@ def test_failed_run_still_writes_metrics_json(tmp_path: Path) -> None:
     assert failed["status"] == "failed" and "pcamx.data.download" in failed["error"]
 
 
+@pytest.mark.slow
 def test_demo_writes_every_file_and_names_its_data(demo_run: Path) -> None:
     assert RUN_FILES <= {p.name for p in demo_run.iterdir()}
     assert (demo_run / ".hydra" / "config.yaml").is_file()
@@ -95,6 +95,7 @@ def test_demo_writes_every_file_and_names_its_data(demo_run: Path) -> None:
     assert (demo_run / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_demo_metrics_carry_slide_bootstrap_intervals(demo_run: Path, capsys) -> None:
     metrics = json.loads((demo_run / "metrics.json").read_text())
     assert metrics["ci_method"] == "slide" and metrics["bootstrap"] == 1000
@@ -134,6 +135,7 @@ def test_temperature_is_fitted_on_validation_and_reported_before_and_after(small
         assert calibration["after"][key] == pytest.approx(binary_metrics(labels, calibrated)[key], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_training_beats_chance_clearly_but_not_perfectly(demo_run: Path) -> None:
     labels, probs = read_predictions(demo_run / "predictions.csv")
     auroc = roc_auc_score(labels, probs)

@@ -12,9 +12,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import compose_config, fast_overrides, read_predictions
-from pcamx import pipeline, train
-from pcamx.hardware import autocast, resolve_precision
-from pcamx.quant import eval_precision_label
+from pcamx import pipeline
+from pcamx.compress.quant import eval_precision_label
+from pcamx.runtime.hardware import autocast, resolve_precision
+from pcamx.training import loop as train
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -50,7 +51,7 @@ def test_eval_precision_labels() -> None:
 @pytest.fixture(scope="module")
 def trained(small_pcam: Path, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("precision") / "trained"
-    pipeline.run(compose_config(*fast_overrides(small_pcam, "eval.measure_speed=false")), run_dir=run_dir)
+    pipeline.run(compose_config(*fast_overrides(small_pcam)), run_dir=run_dir)
     return run_dir
 
 
@@ -60,7 +61,7 @@ def test_every_run_states_its_precisions_and_auto_on_a_cpu_is_fp32(trained: Path
     assert (m["train_precision"], m["eval_precision"], m["tta_views"], m["resolution"]) == ("fp32", "fp32", 8, 32)
     if torch.cuda.is_available():
         pytest.skip("hardware=auto picks CUDA here")
-    cfg = compose_config(*fast_overrides(small_pcam, "hardware=auto", "eval.measure_speed=false",
+    cfg = compose_config(*fast_overrides(small_pcam, "hardware=auto",
                                          "train.max_train_batches=1"))
     assert cfg.train.precision == "bf16"  # hardware=auto's default ...
     auto = pipeline.run(cfg, run_dir=tmp_path)
@@ -71,8 +72,7 @@ def test_every_run_states_its_precisions_and_auto_on_a_cpu_is_fp32(trained: Path
 
 def test_bf16_evaluation_of_an_unquantized_model_is_autocast_and_labelled(trained: Path, small_pcam: Path,
                                                                          tmp_path: Path) -> None:
-    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={trained}", "eval.precision=bf16",
-                                         "eval.measure_speed=false"))
+    cfg = compose_config(*fast_overrides(small_pcam, f"checkpoint={trained}", "eval.precision=bf16"))
     m = pipeline.run(cfg, run_dir=tmp_path)
     assert m["eval_precision"] == "bf16-autocast" and m["quant"] == "none"
     f32 = read_predictions(trained / "predictions.csv")[1]
@@ -87,7 +87,7 @@ def test_select_tiebreak_picks_the_tied_checkpoint_with_lower_nll(small_pcam: Pa
     scripted = iter([{"auroc": 0.9, "nll": 0.5}, {"auroc": 0.9, "nll": 0.4}, {"auroc": 0.9, "nll": 0.45},
                      {"auroc": 0.8, "nll": 0.1}] * 2)
     monkeypatch.setattr(train, "validate", lambda *args: dict(next(scripted)))
-    overrides = ("train.val_every=0.25", "eval.measure_speed=false")  # 4 steps, a validation after each
+    overrides = ("train.val_every=0.25",)  # 4 steps, a validation after each
     plain = pipeline.run(compose_config(*fast_overrides(small_pcam, *overrides)), run_dir=tmp_path / "a")
     tiebreak = pipeline.run(compose_config(*fast_overrides(small_pcam, *overrides, "train.select_tiebreak=nll")),
                             run_dir=tmp_path / "b")

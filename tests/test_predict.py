@@ -17,9 +17,8 @@ from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import predict as cli
 from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, read_checkpoint, save_checkpoint
 from pcamx.compress.spec import ARCHITECTURE_FILE
-from pcamx.data.inputs import InputError, Skipped, batches, discover
 from pcamx.data.pcam import split_paths
-from pcamx.operating_point import (
+from pcamx.evaluation.operating_points import (
     choose_thresholds,
     rates_at,
     resolve_threshold,
@@ -28,8 +27,9 @@ from pcamx.operating_point import (
     thresholds_of,
     youden_threshold,
 )
+from pcamx.inference.inputs import InputError, Skipped, batches, discover
+from pcamx.inference.region import TileGrid, read_region, tile_batches
 from pcamx.pipeline import run
-from pcamx.region import TileGrid, read_region, tile_batches
 
 # ---------------------------------------------------------------- thresholds against direct counting
 
@@ -68,7 +68,7 @@ def test_thresholds_are_the_best_by_direct_search(seed: int) -> None:
 
 
 def test_val95spec_threshold_reproduces_sens_at_95spec_on_the_same_patches() -> None:
-    from pcamx.metrics import sensitivity_at_specificity
+    from pcamx.evaluation.metrics import sensitivity_at_specificity
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 500)
@@ -119,7 +119,7 @@ def test_resolve_threshold_names_numbers_and_errors() -> None:
 def tiny_run(small_pcam: Path, tmp_path_factory) -> Path:
     """A few steps of the tiny model, evaluated with 8 TTA views, its thresholds chosen on validation."""
     run_dir = tmp_path_factory.mktemp("predict") / "run"
-    run(compose_config(*fast_overrides(small_pcam, "eval.bootstrap=0", "eval.measure_speed=false")), run_dir)
+    run(compose_config(*fast_overrides(small_pcam)), run_dir)
     return run_dir
 
 
@@ -226,7 +226,7 @@ def test_a_stored_threshold_made_with_other_views_is_named(tiny_run: Path, test_
 def test_compressed_and_quantized_runs_predict_as_they_were_evaluated(small_pcam: Path, tmp_path: Path,
                                                                       test_patches: np.ndarray, quant: str) -> None:
     run_dir = tmp_path / "run"
-    run(compose_config(*fast_overrides(small_pcam, "eval.bootstrap=0", "eval.measure_speed=false", "prune=all",
+    run(compose_config(*fast_overrides(small_pcam, "prune=all",
                                        "prune.tau=0.9", f"quant={quant}", "eval.tta_views=6")), run_dir)
     spec = json.loads((run_dir / "compressed" / ARCHITECTURE_FILE).read_text())
     assert spec["extra"][INFERENCE_KEY] == {"resolution": 32, "tta_views": 6, "precision": "fp32", "quant": quant}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pcamx.compress import compress
+from pcamx.compress.quant import quantize
 from pcamx.model import PCamClassifier, build_model
-from pcamx.quant import quantize
 
 TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)
 CPU = torch.device("cpu")

@@ -15,13 +15,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from conftest import CONF, REPO, TINY_MODEL
-from pcamx.methods import apply_method
 from pcamx.model import build_model
-from pcamx.optim import warmup_cosine
 from pcamx.pipeline import effective_precisions
 from pcamx.report.__main__ import main as report
 from pcamx.report.format import format_change, format_value, percent_change
 from pcamx.report.sweep import collect_runs
+from pcamx.training.methods import apply_method
+from pcamx.training.optim import warmup_cosine
 
 PRESETS = ["repro_head_only", "repro_lora", "repro_fullft", "repro_compress"]
 
@@ -117,8 +117,7 @@ def test_preset_warmup_starts_at_lr_zero() -> None:
 
 
 def tiny(root: Path) -> list[str]:
-    return ["model=dinov3_tiny", "debug=fast", f"data.root={root}", "data.resolution=32", "hardware=cpu",
-            "eval.measure_speed=false"]
+    return ["model=dinov3_tiny", "debug=fast", f"data.root={root}", "data.resolution=32", "hardware=cpu"]
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
@@ -140,6 +139,7 @@ def recipe(small_pcam: Path, tmp_path_factory) -> Path:
     return tmp / "compress"
 
 
+@pytest.mark.slow
 def test_recipe_renders_all_12_row_kinds_with_hand_computed_changes(recipe: Path) -> None:
     assert report([str(recipe), "--style", "reference"]) == 0
     md = (recipe / "summary.md").read_text()

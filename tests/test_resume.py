@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_config, fast_overrides
-from pcamx import pipeline, train
+from pcamx import pipeline
 from pcamx.checkpoint import RESUME_FILE
+from pcamx.training import loop as train
 
 
 class Killed(BaseException):
@@ -17,8 +18,7 @@ class Killed(BaseException):
 
 
 def overrides(root: Path, *extra: str) -> list[str]:
-    return fast_overrides(root, "train.epochs=2", "train.checkpoint_every=3", "train.val_every=0.5",
-                          "eval.measure_speed=false", *extra)
+    return fast_overrides(root, "train.epochs=2", "train.checkpoint_every=3", "train.val_every=0.5", *extra)
 
 
 @pytest.mark.parametrize("method", ["lora", "fullft"])

@@ -179,6 +179,7 @@ def local_sweep(small_pcam: Path, tmp_path_factory) -> tuple[Path, subprocess.Co
     return sweep, proc
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_writes_the_summary(local_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
     sweep, proc = local_sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -199,6 +200,7 @@ def test_submitit_local_sweep_writes_the_summary(local_sweep: tuple[Path, subpro
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3
 
 
+@pytest.mark.slow
 def test_failed_job_is_reported_and_fails_the_command(small_pcam: Path, tmp_path: Path) -> None:
     """No -m: hardware=submitit_local makes every command a multirun (a comma list would be an error
     in a single run)."""
@@ -214,6 +216,7 @@ def test_failed_job_is_reported_and_fails_the_command(small_pcam: Path, tmp_path
     assert (sweep / "roc.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_report_cli_rebuilds_the_callbacks_table(local_sweep: tuple[Path, subprocess.CompletedProcess],
                                                  tmp_path: Path) -> None:
     """What to run when the launcher process died: the table from the run directories alone."""

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import compose_config, fast_overrides
 from pcamx import pipeline
-from pcamx.tracking import Tracker
+from pcamx.runtime.tracking import Tracker
 
 
 class FakeRun:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import compose_config, fast_overrides
-from pcamx import pipeline, train
-from pcamx.losses import distillation_loss, smoothed_ce_from_probs
-from pcamx.optim import warmup_cosine
+from pcamx import pipeline
+from pcamx.training import loop as train
+from pcamx.training.losses import distillation_loss, smoothed_ce_from_probs
+from pcamx.training.optim import warmup_cosine
 
 
 def closed_form(step: int, warmup: int, total: int, zero_start: bool = False) -> float:
@@ -50,7 +51,7 @@ def test_a_short_run_uses_the_scheduled_learning_rate_at_every_step(small_pcam: 
 
     monkeypatch.setattr(train, "train_step", recording)
     cfg = compose_config(*fast_overrides(small_pcam, "method=fullft", "train.epochs=3", "train.warmup_steps=3",
-                                         "train.lr=0.01", "method.lr_head=0.02", "eval.measure_speed=false"))
+                                         "train.lr=0.01", "method.lr_head=0.02"))
     pipeline.run(cfg, run_dir=tmp_path)
     total = 3 * 4  # epochs × debug's 4 steps per epoch
     assert len(used) == total

@@ -22,7 +22,7 @@ from pcamx.data.transforms import (
     resize_normalize,
     to_float,
 )
-from pcamx.evaluate import predict_batch, view_count
+from pcamx.evaluation.evaluate import predict_batch, view_count
 from pcamx.model import PCamClassifier, architecture
 
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)

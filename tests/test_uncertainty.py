@@ -9,8 +9,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from pcamx.metrics import METRICS, Ranked, Tally, binary_metrics, nll
-from pcamx.uncertainty import (
+from pcamx.evaluation.metrics import METRICS, Ranked, Tally, binary_metrics, nll
+from pcamx.evaluation.uncertainty import (
     _draw_metrics,
     apply_temperature,
     confidence_intervals,
@@ -213,7 +213,7 @@ def test_intervals_are_the_2_5_and_97_5_percentiles_of_every_draw() -> None:
 def test_every_model_of_a_paired_draw_is_weighted_by_its_own_patches(monkeypatch: pytest.MonkeyPatch) -> None:
     # Two models that rank the patches differently, on the same resamples: each model's metrics on a draw
     # must equal sklearn's on that draw's repeated patches (counts are drawn in the first model's order).
-    import pcamx.uncertainty as uncertainty
+    import pcamx.evaluation.uncertainty as uncertainty
 
     y, p = scores(60, 1.0, seed=21)
     q = np.random.default_rng(22).random(60)

@@ -18,12 +18,12 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 
-from pcamx import io
 from pcamx.compress.blocks import KEPT_ATTR, encoders, keep_blocks, kept_blocks
 from pcamx.compress.heads import keep_attention_heads
 from pcamx.compress.mlp import keep_mlp_neurons
 from pcamx.compress.svd import LowRankLinear
 from pcamx.model import PCamClassifier, build_classifier
+from pcamx.runtime import disk
 
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
@@ -76,10 +76,10 @@ def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: 
 
     # Weights first, so a new directory never holds an architecture.json without its weights; the spec
     # records their sha256, checked on load.
-    with io.atomic_path(directory / WEIGHTS_FILE, io.tensor_bytes(tensors)) as tmp:
+    with disk.atomic_path(directory / WEIGHTS_FILE, disk.tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=_METADATA)
-        spec["weights_sha256"] = io.sha256_file(tmp)
-    io.write_text(directory / ARCHITECTURE_FILE, json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        spec["weights_sha256"] = disk.sha256_file(tmp)
+    disk.write_text(directory / ARCHITECTURE_FILE, json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -89,7 +89,7 @@ def update_extra(directory: str | os.PathLike, **entries: Any) -> Path:
     path = Path(directory) / ARCHITECTURE_FILE
     spec = _read_spec(path)
     spec["extra"] = {**(spec.get("extra") or {}), **entries}
-    io.write_text(path, json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    disk.write_text(path, json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -155,7 +155,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
             raise FileNotFoundError(f"compressed checkpoint is missing {path}")
     spec = _read_spec(spec_path)
     recorded = spec.get("weights_sha256")
-    if recorded and io.sha256_file(weights_path) != recorded:
+    if recorded and disk.sha256_file(weights_path) != recorded:
         raise CheckpointMismatchError(
             f"{weights_path} is damaged: its sha256 differs from the one recorded in {spec_path} when it was saved"
         )

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pcamx import io
 from pcamx.data.layout import SPLITS, all_file_names, split_file_names
+from pcamx.runtime import disk
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 
@@ -115,7 +115,7 @@ def download_pcam(
                 )
             os.replace(part, gz)
         if gz == final:  # served uncompressed: the verified download is the file
-            record_digest(root, name, io.sha256_file(final, progress))
+            record_digest(root, name, disk.sha256_file(final, progress))
             done.append(final)
             continue
         record_digest(root, name, _gunzip(gz, final, progress))
@@ -150,7 +150,7 @@ def _fetch(url: str, part: Path, progress: bool) -> None:
             length = response.headers.get("Content-Length")
             if total is None and length is not None:
                 total = offset + int(length)
-            with open(part, mode) as out, io.byte_progress(total, part.name.removesuffix(".part"), progress,
+            with open(part, mode) as out, disk.byte_progress(total, part.name.removesuffix(".part"), progress,
                                                              initial=offset) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
@@ -175,7 +175,7 @@ def served_name(name: str) -> str:
 
 
 def _md5(path: Path, progress: bool) -> str:
-    return io.file_digest(path, "md5", progress)
+    return disk.file_digest(path, "md5", progress)
 
 
 def _gunzip(src: Path, dst: Path, progress: bool) -> str:
@@ -183,11 +183,11 @@ def _gunzip(src: Path, dst: Path, progress: bool) -> str:
     digest = hashlib.sha256()
     try:
         with (
-            io.atomic_path(dst) as tmp,
+            disk.atomic_path(dst) as tmp,
             open(tmp, "wb") as out,
             open(src, "rb") as raw,
             gzip.GzipFile(fileobj=raw) as inp,
-            io.byte_progress(src.stat().st_size, f"gunzip {src.name}", progress) as bar,
+            disk.byte_progress(src.stat().st_size, f"gunzip {src.name}", progress) as bar,
         ):
             while chunk := inp.read(_CHUNK):
                 out.write(chunk)
@@ -196,7 +196,7 @@ def _gunzip(src: Path, dst: Path, progress: bool) -> str:
                 bar.update(raw.tell() - bar.n)
             out.flush()
             os.fsync(out.fileno())
-    except io.DiskFullError:
+    except disk.DiskFullError:
         raise
     except (OSError, EOFError, zlib.error) as e:
         raise DownloadError(f"could not extract {src} to {dst}: {e}") from e
@@ -214,7 +214,7 @@ def read_digests(root: Path) -> dict[str, str]:
 
 def record_digest(root: Path, name: str, digest: str) -> None:
     digests = {**read_digests(root), name: digest}
-    io.write_text(root / SUMS_FILE, "".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
+    disk.write_text(root / SUMS_FILE, "".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
 
 
 def verify_pcam(root: str | os.PathLike[str], files: Iterable[str] | None = None,
@@ -231,7 +231,7 @@ def verify_pcam(root: str | os.PathLike[str], files: Iterable[str] | None = None
         elif name not in digests:
             result[name] = "no digest recorded"
         else:
-            result[name] = "ok" if io.sha256_file(path, progress) == digests[name] else "damaged"
+            result[name] = "ok" if disk.sha256_file(path, progress) == digests[name] else "damaged"
     return result
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pcamx import io
 from pcamx.data.layout import (
     IMAGE_SHAPE,
     LABEL_SHAPE,
@@ -31,7 +30,8 @@ from pcamx.data.layout import (
     file_name,
     meta_file_name,
 )
-from pcamx.locks import exclusive
+from pcamx.runtime import disk
+from pcamx.runtime.locks import exclusive
 
 MARKER = "SYNTHETIC.json"
 DEFAULT_SIZES = {"train": 4096, "valid": 1024, "test": 1024}
@@ -130,7 +130,7 @@ def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed:
     """Write all nine files under `root` (atomically: a temp dir is renamed into place)."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     root = Path(root)
-    with io.atomic_dir(root) as tmp:
+    with disk.atomic_dir(root) as tmp:
         for split in SPLITS:
             x, y = generate_split(sizes[split], seed, split)
             _write_h5(tmp / file_name(split, X_KEY), X_KEY, x)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
 
         rows, cols = (int(v) for v in args.grid.lower().split("x"))
         region, layout = synthetic_region(rows, cols, args.seed)
-        with io.atomic_path(args.region) as tmp:
+        with disk.atomic_path(args.region) as tmp:
             Image.fromarray(region).save(tmp, format="PNG")
         print(f"wrote a synthetic region (not a slide) to {args.region}: {region.shape[1]}×{region.shape[0]} px, "
               f"{int(layout.sum())} of {layout.size} patches tumour")

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pcamx.report.sweep import RunRecord, any_failed, csv_rows, summarize
-from pcamx.tracking import Tracker
+from pcamx.runtime.tracking import Tracker
 
 log = logging.getLogger("pcamx")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pcamx.metrics import METRICS
+from pcamx.evaluation.metrics import METRICS
 
 FOOTPRINT_COLUMNS: tuple[tuple[str, str], ...] = (("params", "Parameters"), ("gflops", "GFLOPs"),
                                                   ("memory_mb", "Memory (MB)"))

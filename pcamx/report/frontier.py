@@ -25,7 +25,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcamx import io  # noqa: E402
 from pcamx.report.format import is_number  # noqa: E402
 from pcamx.report.sweep import (  # noqa: E402
     RunRecord,
@@ -35,6 +34,7 @@ from pcamx.report.sweep import (  # noqa: E402
     pareto_rows,
     row_point,
 )
+from pcamx.runtime import disk  # noqa: E402
 
 FRONTIER_FILE = "frontier.png"
 UNCOMPRESSED = "uncompressed"
@@ -181,7 +181,7 @@ def plot_frontier(runs: Sequence[RunRecord], path: Path) -> Path | None:
     fig.text(0.01, 0.01, (ERRORS_NOTE + "; " if errors else "") + "up and to the left is better", fontsize=7,
              color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    with io.atomic_path(path) as tmp:
+    with disk.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path

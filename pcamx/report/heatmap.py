@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # headless: runs on clusters and CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcamx import io  # noqa: E402
-from pcamx.region import TileGrid  # noqa: E402
+from pcamx.inference.region import TileGrid  # noqa: E402
+from pcamx.runtime import disk  # noqa: E402
 
 # The figure is drawn from a copy of the image at most this many pixels on its long side.
 PREVIEW_PIXELS = 2048
@@ -30,7 +30,7 @@ def plot_heatmap(path: Path, image: np.ndarray, grid: TileGrid, probs: np.ndarra
     # The whole image, margins the tiles do not cover included.
     ax.set(title=title, xlabel="x (px)", ylabel="y (px)", xlim=(0, image.shape[1]), ylim=(image.shape[0], 0))
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
+    with disk.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path

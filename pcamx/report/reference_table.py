@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pcamx.metrics import METRIC_NAMES
+from pcamx.evaluation.metrics import METRIC_NAMES
 from pcamx.report.format import VALUE_COLUMNS, format_change, format_interval, format_value, percent_change
 from pcamx.report.sweep import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, format_budget, md_escape, shorten
 

@@ -22,7 +22,7 @@ summary.md marks ◆ (and summary.csv's `pareto` says) the rows no other ok row 
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import json
 import math
 import os
@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from pcamx import io  # noqa: E402
-from pcamx.metrics import METRIC_NAMES  # noqa: E402
+from pcamx.evaluation.metrics import METRIC_NAMES  # noqa: E402
+from pcamx.evaluation.uncertainty import excludes_zero  # noqa: E402
 from pcamx.report.format import (  # noqa: E402
     VALUE_COLUMNS,
     format_cell,
@@ -50,8 +50,8 @@ from pcamx.report.format import (  # noqa: E402
     is_number,
     quantization_label,
 )
-from pcamx.report.run_files import plot_reliability  # noqa: E402
-from pcamx.uncertainty import excludes_zero  # noqa: E402
+from pcamx.report.run_outputs import plot_reliability  # noqa: E402
+from pcamx.runtime import disk  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -553,7 +553,7 @@ def csv_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]
 
 def csv_text(runs: Sequence[RunRecord]) -> str:
     columns, rows = csv_rows(runs)
-    buf = _io.StringIO()
+    buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -610,7 +610,7 @@ def plot_sweep_roc(runs: Sequence[RunRecord], path: Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no ok runs with predictions", ha="center", va="center")
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
+    with disk.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
@@ -645,8 +645,8 @@ def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "
     else:
         md = markdown_table(runs, ci=bool(ci))
     paths = {
-        "csv": io.write_text(out_dir / "summary.csv", csv_text(runs)),
-        "md": io.write_text(out_dir / "summary.md", md),
+        "csv": disk.write_text(out_dir / "summary.csv", csv_text(runs)),
+        "md": disk.write_text(out_dir / "summary.md", md),
         "roc": plot_sweep_roc(runs, out_dir / "roc.png"),
         "calibration": plot_reliability(out_dir / "calibration.png", run_predictions(runs),
                                         _sweep_title(runs, "Sweep reliability")),

@@ -2,7 +2,7 @@
 
 The usual way decodes every 96x96 patch on the CPU, runs PIL augmentation and the Hugging Face image
 processor per sample to get a 224x224 float tensor, and runs test-time augmentation as a Python loop of
-separate forwards (`pcamx.bench.reference`). pcamx keeps images uint8 until they are on the device and
+separate forwards (`benchmarks.reference`). pcamx keeps images uint8 until they are on the device and
 does augmentation, resize, normalization and the TTA views batched there. Sections:
 
 1. pipeline  input pipeline alone (train/eval) and its host side;
@@ -15,11 +15,11 @@ does augmentation, resize, normalization and the TTA views batched there. Sectio
    predict   `python -m pcamx.predict` on a folder of PNG patches vs a per-file PIL + processor loop;
    export    ONNX Runtime vs PyTorch CPU latency, uncompressed and compressed (pcamx.export).
 
-    python -m pcamx.bench [--device cuda] [--model vits16] [--out bench.json]
+    python -m benchmarks [--device cuda] [--model vits16] [--out bench.json]
 
 Results and how to read them: docs/benchmarks.md.
 """
 
-from pcamx.bench.cli import main, run
+from benchmarks.cli import main, run
 
 __all__ = ["main", "run"]

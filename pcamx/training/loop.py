@@ -1,7 +1,7 @@
 """The training loop: AdamW with per-group learning rates, linear warmup + cosine decay, gradient
 clipping, label smoothing, bf16 autocast, periodic validation and checkpoint selection, resumable state,
 a divergence guard, and a clean stop on SIGTERM/SIGINT. `train` reads top to bottom; healing after
-compression (pcamx.heal) is one more caller of it, with a teacher and without checkpoints."""
+compression (pcamx.training.heal) is one more caller of it, with a teacher and without checkpoints."""
 
 from __future__ import annotations
 
@@ -20,22 +20,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pcamx import interrupts, resume
 from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, RESUME_FILE, save_checkpoint
 from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import ColorJitter, preprocess
-from pcamx.evaluate import predict, view_count
-from pcamx.hardware import autocast
-from pcamx.inference import InferenceSettings
-from pcamx.interrupts import RunInterrupted
-from pcamx.losses import distillation_loss, smoothed_ce_from_probs
-from pcamx.methods import merge_lora, plain_state_dict
-from pcamx.metrics import METRIC_ALIASES, binary_metrics, improves
+from pcamx.evaluation.evaluate import predict, view_count
+from pcamx.evaluation.metrics import METRIC_ALIASES, binary_metrics, improves
+from pcamx.evaluation.operating_points import operating_points, threshold_metrics, thresholds_of
+from pcamx.inference.settings import InferenceSettings
 from pcamx.model import PCamClassifier
-from pcamx.operating_point import operating_points, threshold_metrics, thresholds_of
-from pcamx.optim import build_optimizer, warmup_cosine
-from pcamx.tracking import Tracker
+from pcamx.runtime import interrupts
+from pcamx.runtime.hardware import autocast
+from pcamx.runtime.interrupts import RunInterrupted
+from pcamx.runtime.tracking import Tracker
+from pcamx.training import resume
+from pcamx.training.losses import distillation_loss, smoothed_ce_from_probs
+from pcamx.training.methods import merge_lora, plain_state_dict
+from pcamx.training.optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger("pcamx")
 LOG_EVERY = 10  # steps between training-loss logs (.item() waits for the device: not every step)

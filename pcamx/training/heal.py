@@ -17,12 +17,12 @@ from torch import nn
 from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import preprocess
-from pcamx.evaluate import evaluate
-from pcamx.hardware import autocast
-from pcamx.losses import distillation_loss
-from pcamx.methods import apply_method
-from pcamx.tracking import Tracker
-from pcamx.train import Distillation, Session, train, validate
+from pcamx.evaluation.evaluate import evaluate
+from pcamx.runtime.hardware import autocast
+from pcamx.runtime.tracking import Tracker
+from pcamx.training.loop import Distillation, Session, train, validate
+from pcamx.training.losses import distillation_loss
+from pcamx.training.methods import apply_method
 
 
 @torch.inference_mode()

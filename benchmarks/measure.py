@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pcamx.hardware import sync
+from pcamx.runtime.hardware import sync
 
 
 @dataclass(frozen=True)

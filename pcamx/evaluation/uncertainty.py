@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from pcamx.metrics import METRICS, Ranked, Tally, binary_metrics, validate_predictions
+from pcamx.evaluation.metrics import METRICS, Ranked, Tally, binary_metrics, validate_predictions
 
 LEVEL = 0.95
 # Draws per chunk: (chunk, n) float64 weights, 128 × 32,768 × 8 B = 32 MB for the full PCam test split.

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from pcamx.metrics import validate_predictions
+from pcamx.evaluation.metrics import validate_predictions
 
 VAL_SPECIFICITY = 0.95
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pcamx.metrics import NLL_EPS
+from pcamx.evaluation.metrics import NLL_EPS
 
 
 def smoothed_ce_from_probs(labels: np.ndarray, probs: np.ndarray, smoothing: float) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io as _io
+import io
 from pathlib import Path
 
 import matplotlib
@@ -12,19 +12,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from pcamx import io  # noqa: E402
-from pcamx.metrics import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: E402
+from pcamx.evaluation.metrics import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: E402
+from pcamx.runtime import disk  # noqa: E402
 
 
 def write_predictions(path: Path, labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray | None = None) -> Path:
     """index,label,prob[,prob_calibrated]: P(tumor) of each test patch in file order; `prob_calibrated` is
     the same after temperature scaling (eval.calibrate=temperature)."""
-    buf = _io.StringIO()
+    buf = io.StringIO()
     columns = [labels.tolist(), probs.tolist()] + ([calibrated.tolist()] if calibrated is not None else [])
     buf.write("index,label,prob" + (",prob_calibrated" if calibrated is not None else "") + "\n")
     for i, (y, *ps) in enumerate(zip(*columns, strict=True)):
         buf.write(f"{i},{y}," + ",".join(f"{p:.8f}" for p in ps) + "\n")
-    return io.write_text(path, buf.getvalue())
+    return disk.write_text(path, buf.getvalue())
 
 
 def plot_reliability(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str,
@@ -47,7 +47,7 @@ def plot_reliability(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]
     ax.legend(loc="upper left", fontsize=7)
     ax_n.set(xlabel=f"confidence of the predicted class ({n_bins} bins)", ylabel="patches")
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
+    with disk.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
@@ -61,7 +61,7 @@ def plot_roc(path: Path, labels: np.ndarray, probs: np.ndarray, title: str) -> P
     ax.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
+    with disk.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from pcamx.bench.data import LOAD_SPLIT, BenchData
-from pcamx.bench.measure import Timing, measure, ratio
-from pcamx.bench.reference import (
+from benchmarks.data import LOAD_SPLIT, BenchData
+from benchmarks.measure import Timing, measure, ratio
+from benchmarks.reference import (
     JITTER,
     PREFETCH_FACTOR,
     ReferencePCamDataset,
@@ -33,18 +33,18 @@ from pcamx.bench.reference import (
 from pcamx.compress import compress
 from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import plan
+from pcamx.compress.quant import quantize
 from pcamx.config import compose
 from pcamx.data.device_loader import to_device
 from pcamx.data.layout import X_KEY
 from pcamx.data.pcam import PCamSplit, split_paths
 from pcamx.data.transforms import NUM_DIHEDRAL, ColorJitter, preprocess
-from pcamx.evaluate import predict_batch
-from pcamx.footprint import count_params, gflops
-from pcamx.methods import METHODS, apply_method, plain_state_dict
+from pcamx.evaluation.evaluate import predict_batch
+from pcamx.evaluation.footprint import count_params, gflops
 from pcamx.model import PCamClassifier, architecture, build_classifier, build_model
-from pcamx.optim import build_optimizer
-from pcamx.quant import quantize
-from pcamx.train import train_step
+from pcamx.training.loop import train_step
+from pcamx.training.methods import METHODS, apply_method, plain_state_dict
+from pcamx.training.optim import build_optimizer
 
 EQUIVALENCE_ATOL = 1e-4
 COMPRESSED_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -372,13 +372,13 @@ def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
 
             warmup, precision = b.reference_warmup(model_bound=True), "fp32"
         else:
-            optimizer = build_optimizer(groups, device, 1e-4)  # as pcamx.train does
+            optimizer = build_optimizer(groups, device, 1e-4)  # as pcamx.training.loop does
             forward = torch.compile(model) if pipeline == "pcamx_compiled" else model
             batches, generator, jitter = b.device_batches(b.train, s.batch_size, True), \
                 torch.Generator().manual_seed(s.seed), ColorJitter(**JITTER)
 
             def step() -> int:
-                # pcamx.train's own step: batched augmentation on the device, autocast, clip, fused AdamW.
+                # pcamx.training.loop's own step: batched augmentation on the device, autocast, clip, fused AdamW.
                 images, labels = next(batches)
                 train_step(forward, optimizer, images, labels, resolution=s.resolution, augment=True,
                            generator=generator, precision=s.precision, jitter=jitter, label_smoothing=0.05,
@@ -581,7 +581,7 @@ def section_uncertainty(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     not on the model, so the predictions are drawn, not computed."""
     from threadpoolctl import threadpool_limits
 
-    from pcamx.uncertainty import confidence_intervals, paired_comparison
+    from pcamx.evaluation.uncertainty import confidence_intervals, paired_comparison
 
     rng = np.random.default_rng(b.s.seed)
     n, draws = (4096, 200) if b.s.quick else (UNCERTAINTY_N, 1000)
@@ -621,7 +621,7 @@ def write_pngs(images: torch.Tensor, folder: Path) -> Path:
 
 
 def save_bench_checkpoint(model: PCamClassifier, s: Settings, path: Path, views: int) -> Path:
-    """`model` as a training checkpoint (the keys pcamx.train.checkpoint_payload writes), fp32, no quantization."""
+    """`model` as a training checkpoint (the keys of pcamx.training.loop.checkpoint_payload), fp32, unquantized."""
     from pcamx.checkpoint import save_checkpoint
 
     return save_checkpoint({
@@ -664,8 +664,8 @@ def _predict_views(b: Bench, model: PCamClassifier, reference_model: torch.nn.Mo
                    transform: Callable[[Image.Image], torch.Tensor], workdir: Path, views: int, n: int
                    ) -> dict[str, Any]:
     """Both ways over a folder of `n` PNG patches with `views` TTA views: images/s and the largest |Δp|."""
-    from pcamx.data.inputs import batches, discover
-    from pcamx.inference import load_for_inference
+    from pcamx.inference.inputs import batches, discover
+    from pcamx.inference.settings import load_for_inference
     from pcamx.predict import DEFAULT_BATCH, predict_all
     from pcamx.predict import parser as predict_parser
 
@@ -725,7 +725,7 @@ def section_predict(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     reference_model = copy.deepcopy(model).to(device).eval()
     processor = ReferencePCamDataset(b.data.root, "test", False, s.resolution)  # .transform: the HF processor
     out: dict[str, Any] = {"views": {}, "checkpoint": "training checkpoint (pcamx.checkpoint.save_checkpoint), "
-                                                     "loaded with pcamx.inference.load_for_inference",
+                                                     "loaded with pcamx.inference.settings.load_for_inference",
                            "timed": "whole passes over the folder (decode included); model loaded before timing",
                            "head": {**spread, "what": "head rescaled so P(tumour) spreads out (spread_head)"}}
     try:

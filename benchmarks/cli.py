@@ -1,4 +1,4 @@
-"""Command line of `python -m pcamx.bench`: settings per device, data, sections, bench.json, markdown."""
+"""Command line of `python -m benchmarks`: settings per device, data, sections, bench.json, markdown."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from pcamx import io
-from pcamx.bench.data import prepare_data
-from pcamx.bench.measure import Timing
-from pcamx.bench.report import evaluate_targets, render_markdown
-from pcamx.bench.sections import SECTIONS, Bench, Settings
-from pcamx.hardware import resolve_device, sync
+from benchmarks.data import prepare_data
+from benchmarks.measure import Timing
+from benchmarks.report import evaluate_targets, render_markdown
+from benchmarks.sections import SECTIONS, Bench, Settings
 from pcamx.model import ARCHITECTURES
+from pcamx.runtime import disk
+from pcamx.runtime.hardware import resolve_device, sync
 
 # Defaults per device type. CPU: small batches and 6 s per figure keep the vits16 figures under 10 minutes on
 # 2 cores; section 4's five budget searches add ~6 (a compressed copy and its GFLOPs per trial, 18-26 trials
@@ -42,7 +42,7 @@ CPU_COMPILE_REASON = "CPU: ~50 s compile warm-up per model exceeds the time budg
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pcamx.bench",
+        prog="python -m benchmarks",
         description="pcamx's on-device batched input pipeline, TTA and training against the usual per-sample "
                     "pipeline (h5py per sample, PIL augmentation, HF processor, DataLoader, TTA loop).",
     )
@@ -122,7 +122,7 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 
 def _log(message: str) -> None:
-    print(f"[pcamx.bench] {message}", file=sys.stderr, flush=True)
+    print(f"[benchmarks] {message}", file=sys.stderr, flush=True)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "sections": sections,
         "targets": evaluate_targets(sections, settings.device.type),
     }
-    io.write_json(args.out, doc)
+    disk.write_json(args.out, doc)
     print(render_markdown(doc))
     _log(f"wrote {args.out}")
     return doc

@@ -22,10 +22,10 @@ from pcamx.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
+from pcamx.compress.quant import QUANT_MODES, quantize
 from pcamx.data.transforms import check_tta_views
-from pcamx.hardware import check_precision
 from pcamx.model import PCamClassifier
-from pcamx.quant import QUANT_MODES, quantize
+from pcamx.runtime.hardware import check_precision
 
 RUN_CONFIG = "resolved_config.yaml"
 
@@ -52,7 +52,7 @@ class InferenceSettings:
     def from_run_config(cls, config: Mapping[str, Any]) -> InferenceSettings:
         """The settings a run's test evaluation used (its resolved config). A quantized model runs in its own
         dtype, so its precision is fp32 (no autocast on top)."""
-        from pcamx.evaluate import view_count
+        from pcamx.evaluation.evaluate import view_count
 
         quant = str(config["quant"]["mode"])
         precision = "fp32" if quant != "none" else str(config["eval"]["precision"])
@@ -77,7 +77,7 @@ class LoadedModel:
 
     model: PCamClassifier
     settings: InferenceSettings
-    operating_points: dict[str, Any] | None  # see pcamx.operating_point.operating_points
+    operating_points: dict[str, Any] | None  # see pcamx.evaluation.operating_points.operating_points
     source: dict[str, Any]  # where it came from (load_checkpoint's description)
     device: torch.device
 

@@ -23,7 +23,7 @@ import torch
 from ptflops import get_model_complexity_info
 from torch import nn
 
-from pcamx.hardware import sync
+from pcamx.runtime.hardware import sync
 
 
 def count_params(model: nn.Module) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pcamx.methods import METHODS
+from pcamx.training.methods import METHODS
 
 
 def _get(tree: dict[str, Any], *keys: str) -> Any:

@@ -13,8 +13,8 @@ from tqdm import tqdm
 from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import check_tta_views, tta_views
-from pcamx.hardware import autocast
-from pcamx.metrics import binary_metrics
+from pcamx.evaluation.metrics import binary_metrics
+from pcamx.runtime.hardware import autocast
 
 # On a CPU, big forwards are slower per image than small ones (cache-bound attention and GEMMs):
 # measured 2.2-2.5 vs 2.8-2.9 images/s for ViT-S/16 TTA on 2 cores (docs/benchmarks.md). Accelerators

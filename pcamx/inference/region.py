@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pcamx.data.inputs import Batch, InputError, check_rgb
+from pcamx.inference.inputs import Batch, InputError, check_rgb
 
 REGION_SUFFIXES = (".png", ".tif", ".tiff")
 REGION_STRIP = 256  # rows copied out of the decoded image at a time

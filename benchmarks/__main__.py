@@ -1,0 +1,6 @@
+"""`python -m benchmarks`: see pcamx/bench/__init__.py and docs/benchmarks.md."""
+
+from benchmarks.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
