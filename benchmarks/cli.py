@@ -21,7 +21,8 @@ from benchmarks.report import evaluate_targets, render_markdown
 from benchmarks.sections import SECTIONS, Bench, Settings
 from pcamx.model import ARCHITECTURES
 from pcamx.runtime import disk
-from pcamx.runtime.hardware import resolve_device, sync
+from pcamx.runtime.hardware import resolve_device
+from pcamx.runtime.timing import sync
 
 # Defaults per device type. CPU: small batches and 6 s per figure keep the vits16 figures under 10 minutes on
 # 2 cores; section 4's five budget searches add ~6 (a compressed copy and its GFLOPs per trial, 18-26 trials

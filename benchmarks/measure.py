@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pcamx.runtime.hardware import sync
+from pcamx.runtime.timing import sync
 
 
 @dataclass(frozen=True)

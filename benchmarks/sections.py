@@ -30,9 +30,8 @@ from benchmarks.reference import (
     reference_train_step,
     reference_tta,
 )
-from pcamx.compress import compress
 from pcamx.compress.budget import compress_to_budget
-from pcamx.compress.chain import plan
+from pcamx.compress.chain import compress, plan
 from pcamx.compress.quant import quantize
 from pcamx.config import compose
 from pcamx.data.device_loader import to_device

@@ -21,14 +21,11 @@ import numpy as np
 import torch
 from transformers import DINOv3ViTConfig
 
-from pcamx.compress.spec import ARCHITECTURE_FILE, load_compressed, update_extra
+from pcamx.compress.spec import load_compressed, update_extra
 from pcamx.model import PCamClassifier, build_classifier
-from pcamx.runtime import disk
+from pcamx.runtime import disk, run_files
 
 log = logging.getLogger("pcamx")
-COMPRESSED_DIR = "compressed"
-TRAIN_CHECKPOINTS = ("best.pt", "last.pt")
-RESUME_FILE = "resume.pt"
 DIGEST_KEY = "sha256"
 # What travels with every model pcamx saves (`.pt` payload keys; a compressed checkpoint's architecture.json
 # "extra"): its pcamx.inference.settings.InferenceSettings and the operating points chosen on validation.
@@ -125,22 +122,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "its best.pt / last.pt, or its compressed/ directory"
         )
     if path.is_file():
-        if path.name == RESUME_FILE:
+        if path.name == run_files.RESUME:
             raise CheckpointError(
                 f"{path} is the resumable state of an unfinished training run, not a model to start from. "
                 "To continue that run, rerun its command with hydra.run.dir set to its directory; to start "
                 "from its weights, use its best.pt or last.pt once it has finished."
             )
         return path
-    for candidate in (path, path / COMPRESSED_DIR):
-        if (candidate / ARCHITECTURE_FILE).is_file():
+    for candidate in (path, path / run_files.COMPRESSED):
+        if (candidate / run_files.ARCHITECTURE).is_file():
             return candidate
-    for name in TRAIN_CHECKPOINTS:
+    for name in run_files.TRAIN_CHECKPOINTS:
         if (path / name).is_file():
             return path / name
     raise CheckpointError(
-        f"{path} holds no checkpoint: expected {' or '.join(TRAIN_CHECKPOINTS)} or "
-        f"{COMPRESSED_DIR}/{ARCHITECTURE_FILE} (was the run trained with train.save_best=false?)"
+        f"{path} holds no checkpoint: expected {' or '.join(run_files.TRAIN_CHECKPOINTS)} or "
+        f"{run_files.COMPRESSED}/{run_files.ARCHITECTURE} (was the run trained with train.save_best=false?)"
     )
 
 
@@ -155,9 +152,9 @@ def _check_model(saved_name: str | None, model_cfg: Mapping[str, Any], where: Pa
 
 def _load_compressed(source: Path, model_cfg: Mapping[str, Any]) -> tuple[PCamClassifier, dict[str, Any]]:
     try:
-        extra = json.loads((source / ARCHITECTURE_FILE).read_text()).get("extra") or {}
+        extra = json.loads((source / run_files.ARCHITECTURE).read_text()).get("extra") or {}
     except (OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{source / ARCHITECTURE_FILE} could not be read ({_plain(err)}); the compressed "
+        raise CheckpointError(f"{source / run_files.ARCHITECTURE} could not be read ({_plain(err)}); the compressed "
                               "checkpoint is damaged") from None
     _check_model(extra.get("model_name"), model_cfg, source)
     try:

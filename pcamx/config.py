@@ -14,86 +14,50 @@ schema; run.py and the tests import it before composing.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pcamx.compress.chain import METHODS as PRUNE_METHODS
+from pcamx.compress.chain import STEPS
+from pcamx.compress.importance import CRITERIA
+from pcamx.compress.quant import QUANT_MODES
+from pcamx.compress.units import SCOPES
+from pcamx.data import DATASETS
 from pcamx.evaluation.metrics import SELECT_METRICS
-
-# StrEnum: a value reads, compares, formats and serializes as its plain string ("cuda" == Device.cuda).
-SelectMetric = StrEnum("SelectMetric", {name: name for name in SELECT_METRICS})
-
-
-class DataName(StrEnum):
-    pcam = "pcam"
-    synthetic = "synthetic"
+from pcamx.evaluation.uncertainty import CALIBRATIONS
+from pcamx.model import ARCHITECTURES
+from pcamx.runtime.hardware import DEVICES, PRECISIONS
+from pcamx.training.methods import METHODS, NORMS_BIAS, MethodConfig
 
 
-class Architecture(StrEnum):
-    tiny = "tiny"
-    vits16 = "vits16"
+def registry_enum(name: str, registry: Iterable[str]) -> type[StrEnum]:
+    """The config enum of a registry's names: a value reads, compares, formats and serializes as its string
+    ("cuda" == Device.cuda), and a new registry entry is a new allowed value with nothing else to edit."""
+    return StrEnum(name, {key: key for key in registry})
 
 
-class MethodName(StrEnum):
-    head_only = "head_only"
-    lora = "lora"
-    fullft = "fullft"
-
-
-class NormsBias(StrEnum):
-    none = "none"
-    norms = "norms"
-    bias = "bias"
-    both = "both"
-
-
-class PruneMethod(StrEnum):
-    none = "none"
-    heads = "heads"
-    mlp = "mlp"
-    svd = "svd"
-    blocks = "blocks"
-    all = "all"
-
-
-class PruneStep(StrEnum):
-    heads = "heads"
-    mlp = "mlp"
-    svd = "svd"
-    blocks = "blocks"
-
-
-class PruneCriterion(StrEnum):
-    weight = "weight"
-    activation = "activation"
-    taylor = "taylor"
-
-
-class QuantMode(StrEnum):
-    none = "none"
-    bf16 = "bf16"
-    int8 = "int8"
-
-
-class Device(StrEnum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Precision(StrEnum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class Calibration(StrEnum):
-    none = "none"
-    temperature = "temperature"
+SelectMetric = registry_enum("SelectMetric", SELECT_METRICS)
+DataName = registry_enum("DataName", DATASETS)
+Architecture = registry_enum("Architecture", ARCHITECTURES)
+MethodName = registry_enum("MethodName", METHODS)
+NormsBias = registry_enum("NormsBias", NORMS_BIAS)
+PruneMethod = registry_enum("PruneMethod", PRUNE_METHODS)
+PruneStep = registry_enum("PruneStep", STEPS)
+PruneCriterion = registry_enum("PruneCriterion", CRITERIA)
+PruneScope = registry_enum("PruneScope", SCOPES)
+QuantMode = registry_enum("QuantMode", QUANT_MODES)
+Device = registry_enum("Device", DEVICES)
+Precision = registry_enum("Precision", PRECISIONS)
+Calibration = registry_enum("Calibration", CALIBRATIONS)
 
 
 @dataclass
@@ -136,50 +100,13 @@ class ModelConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: MethodName = MISSING
-    lr_head: float | None = MISSING
-    wd_head: float | None = MISSING
-
-
-@dataclass
-class NormsBiasConfig(MethodConfig):
-    lr_norms_bias: float | None = MISSING
-    wd_norms_bias: float | None = MISSING
-    train_norms_bias: NormsBias = MISSING
-
-
-@dataclass
-class HeadOnlyConfig(NormsBiasConfig):
-    pass
-
-
-@dataclass
-class LoraConfig(NormsBiasConfig):
-    lr_lora: float | None = MISSING
-    wd_lora: float | None = MISSING
-    r: int = MISSING
-    alpha: float = MISSING
-    dropout: float = MISSING
-    lora_a_std: float | None = MISSING
-    targets: list[str] = MISSING
-    include_mlp: bool = MISSING
-
-
-@dataclass
-class FullFTConfig(MethodConfig):
-    lr_backbone: float | None = MISSING
-    wd_backbone: float | None = MISSING
-
-
-@dataclass
 class PruneConfig:
     method: PruneMethod = MISSING
     tau: Any = MISSING  # one τ for every step, or a mapping {step: τ}
     order: list[PruneStep] = MISSING
     svd_targets: Any = MISSING  # a list of linear names, or "all"
     criterion: PruneCriterion = MISSING
-    scope: str = MISSING  # layer | global (checked by compress.plan: `global` cannot be an enum member name)
+    scope: PruneScope = MISSING
     calib_batches: int = MISSING
     target_ratio: float | None = MISSING
     target_gflops: float | None = MISSING
@@ -273,11 +200,21 @@ class PcamxConfig:
     wandb: WandbConfig = MISSING
 
 
+def _typed_method(method: type) -> type:
+    """A method's config (training.methods) with its name and train_norms_bias checked against the registries."""
+    fields = [("name", MethodName, MISSING)]
+    if "train_norms_bias" in {f.name for f in dataclasses.fields(method)}:
+        fields.append(("train_norms_bias", NormsBias, MISSING))
+    typed = dataclasses.make_dataclass(method.__name__, fields, bases=(method,))
+    typed.__module__ = __name__
+    return typed
+
+
 # Group options whose keys differ from the group's base schema: conf/<group>/<option>.yaml builds on
 # `<option>_schema`. (Every other group's options share the node type PcamxConfig gives them.)
 OPTION_SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"synthetic": SyntheticDataConfig},
-    "method": {"head_only": HeadOnlyConfig, "lora": LoraConfig, "fullft": FullFTConfig},
+    "method": {name: _typed_method(m.config) for name, m in METHODS.items()},
 }
 
 
@@ -293,6 +230,19 @@ def compose(*overrides: str, hydra_config: bool = False) -> DictConfig:
         raise FileNotFoundError(f"{CONF_DIR} not found: run from a pcamx checkout (the configs live in conf/)")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+@functools.cache
+def _conf_defaults(group: str, option: str) -> dict[str, Any]:
+    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    node.pop("defaults", None)
+    return node
+
+
+def conf_defaults(group: str, option: str = "none") -> dict[str, Any]:
+    """The keys of conf/<group>/<option>.yaml (for prune: `none`, which every prune option builds on): where the
+    Python API and readers of old records take a default, so that conf/ stays the one place that gives it."""
+    return copy.deepcopy(_conf_defaults(group, option))
 
 
 def register() -> None:

@@ -41,10 +41,10 @@ from pcamx.data.layout import IMAGE_SHAPE
 from pcamx.data.synthetic import generate_split
 from pcamx.data.transforms import TTA_VIEWS, check_tta_views, tta_views
 from pcamx.evaluation.evaluate import predict_batch
-from pcamx.evaluation.footprint import median_ms
 from pcamx.inference.inputs import batches, discover
 from pcamx.inference.settings import settings_with
 from pcamx.runtime import disk
+from pcamx.runtime.timing import measure
 
 log = logging.getLogger("pcamx")
 
@@ -217,9 +217,9 @@ def compare_latency(session: Any, wrapper: ExportedClassifier, batch: int = 1, i
     images = generate_split(batch, 1, "test")[0]
     tensor = torch.from_numpy(images)
     with torch.inference_mode():
-        torch_ms = median_ms(lambda: predict_batch(wrapper.model, tensor, wrapper.resolution, wrapper.views),
-                             iters, warmup)
-    onnx_ms = median_ms(lambda: session.run(None, {INPUT_NAME: images}), iters, warmup)
+        torch_ms = measure(lambda: predict_batch(wrapper.model, tensor, wrapper.resolution, wrapper.views),
+                           warmup=warmup, samples=iters, calls=1).median_ms
+    onnx_ms = measure(lambda: session.run(None, {INPUT_NAME: images}), warmup=warmup, samples=iters, calls=1).median_ms
     return {"batch": batch, "tta_views": wrapper.views, "resolution": wrapper.resolution,
             "threads": torch.get_num_threads(), "iters": iters, "warmup": warmup,
             "onnxruntime_cpu_ms": onnx_ms, "pytorch_cpu_ms": torch_ms, "speedup": torch_ms / onnx_ms}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import signal
 import sys
 import time
@@ -22,46 +21,41 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pcamx.checkpoint import (
-    COMPRESSED_DIR,
     INFERENCE_KEY,
-    RESUME_FILE,
     load_checkpoint,
     record_operating_points,
 )
 from pcamx.compress.budget import compress_to_budget
-from pcamx.compress.chain import PrunePlan, plan, run_plan
-from pcamx.compress.quant import check_quantization, eval_precision_label, quantize
+from pcamx.compress.chain import PrunePlan, plan_from_config, run_plan
+from pcamx.compress.quant import EvalPrecision, check_quantization, quantize
 from pcamx.compress.spec import save_compressed
-from pcamx.data.pcam import PCamSplit
-from pcamx.data.synthetic import ensure_synthetic, is_synthetic
+from pcamx.data import Data, load_data
 from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluation.evaluate import evaluate, view_count
-from pcamx.evaluation.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
-from pcamx.evaluation.metrics import METRIC_NAMES, METRICS, binary_metrics
+from pcamx.evaluation.footprint import cost, footprint, memory_mb, speed
+from pcamx.evaluation.metrics import METRIC_NAMES, binary_metrics
 from pcamx.evaluation.operating_points import choose_thresholds, operating_points, rates_at
 from pcamx.evaluation.uncertainty import apply_temperature, confidence_intervals, fit_temperature, paired_comparison
 from pcamx.inference.settings import InferenceSettings
 from pcamx.model import build_model
-from pcamx.report.format import format_interval, format_value, percent_change
+from pcamx.report.format import format_table, percent_change
 from pcamx.report.run_outputs import plot_reliability, plot_roc, write_predictions
-from pcamx.runtime import disk, interrupts
-from pcamx.runtime.hardware import autocast, check_precision, resolve_device, resolve_precision, setup_threads
+from pcamx.runtime import disk, interrupts, run_files
+from pcamx.runtime.hardware import check_precision, effective_precisions, resolve_device, seed_everything, setup_threads
 from pcamx.runtime.interrupts import RunInterrupted
-from pcamx.runtime.locks import RunDirBusy, claim_run_dir
-from pcamx.runtime.tracking import Tracker
+from pcamx.runtime.locks import (
+    RunDirBusy,
+    claim_run_dir,
+    resolve_run_dir,
+    restore_hydra_files,
+    snapshot_hydra_files,
+)
+from pcamx.runtime.tracking import Tracker, hydra_names
 from pcamx.training.heal import heal
 from pcamx.training.loop import Session, train
 from pcamx.training.methods import apply_method
 
 log = logging.getLogger("pcamx")
-
-
-@dataclass
-class Data:
-    train: PCamSplit
-    valid: PCamSplit
-    test: PCamSplit
-    source: str  # "pcam" or "synthetic": written into every output
 
 
 @dataclass
@@ -99,15 +93,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     status "interrupted" and raises RunInterrupted."""
     run_dir = resolve_run_dir(run_dir)
     lock = claim_run_dir(run_dir)
-    hydra_files = _snapshot(run_dir / ".hydra")
+    hydra_files = snapshot_hydra_files(run_dir / run_files.HYDRA_DIR)
     try:
         for stale in disk.remove_stale_temps(run_dir):
             log.info("removed %s, left by a write that was killed", stale)
         with interrupts.handling():
             return _run(cfg, run_dir)
     except RunInterrupted as err:
-        resumable = (run_dir / RESUME_FILE).is_file()
-        disk.write_json(run_dir / "metrics.json", {
+        resumable = (run_dir / run_files.RESUME).is_file()
+        disk.write_json(run_dir / run_files.METRICS, {
             "status": "interrupted", "signal": signal.Signals(err.signum).name, "step": err.step,
             "resume": "rerun the same command (resume=auto) to continue from resume.pt" if resumable else
                       "no training progress to keep: rerunning starts over",
@@ -115,13 +109,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         })
         raise
     except Exception as err:
-        disk.write_json(run_dir / "metrics.json", {
+        disk.write_json(run_dir / run_files.METRICS, {
             "status": "failed", "reason": getattr(err, "reason", "error"), "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(), "run_dir": str(run_dir),
         })
         raise
     finally:
-        _restore(run_dir / ".hydra", hydra_files)
+        restore_hydra_files(run_dir / run_files.HYDRA_DIR, hydra_files)
         lock.release()
 
 
@@ -153,13 +147,13 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Run:
     device = resolve_device(cfg.hardware.device)
     cfg = effective_precisions(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
-    disk.write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(config))
+    disk.write_text(run_dir / run_files.RESOLVED_CONFIG, OmegaConf.to_yaml(config))
     seed_everything(cfg.seed)
     setup_threads(cfg.hardware)
     validate_config(cfg, device)
     data = load_data(cfg.data)
     log.info("data: %s train=%d valid=%d test=%d", data.source, len(data.train), len(data.valid), len(data.test))
-    return Run(cfg, config, device, run_dir, data, Tracker(cfg.wandb, config, run_dir, **wandb_names()))
+    return Run(cfg, config, device, run_dir, data, Tracker(cfg.wandb, config, run_dir, **hydra_names()))
 
 
 def model_stage(run: Run) -> tuple[torch.nn.Module, Origin]:
@@ -194,7 +188,7 @@ def compress_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module 
     cfg = run.cfg
     if cfg.prune.method == "none":
         return model, {"prune": {"method": "none"}}
-    p = compression_plan(cfg.prune)
+    p = plan_from_config(cfg.prune)
     calibration = calibration_batches(run, p)
     described = {"method": str(cfg.prune.method), **p.describe()}
     if p.budget is None:
@@ -206,7 +200,7 @@ def compress_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module 
     if cfg.prune.heal_epochs > 0:
         out |= heal(model, reference, run.data.train, run.data.valid, run.data.test, run.config, run.device,
                     run.tracker, origin.method, step_offset=trained_steps)
-    save_compressed(model, run.run_dir / COMPRESSED_DIR,
+    save_compressed(model, run.run_dir / run_files.COMPRESSED,
                     extra={"model_name": cfg.model.name, "method": origin.method,
                            "method_config": origin.method_config, "prune": out["prune"],
                            INFERENCE_KEY: InferenceSettings.from_run_config(run.config).to_dict()})
@@ -295,8 +289,8 @@ def final_checkpoint(run: Run, origin: Origin) -> Path | None:
     best.pt it trained (its best-validation weights). None for a checkpoint=... run without compression,
     whose source is left untouched."""
     if run.cfg.prune.method != "none":
-        return run.run_dir / COMPRESSED_DIR
-    best = run.run_dir / "best.pt"
+        return run.run_dir / run_files.COMPRESSED
+    best = run.run_dir / run_files.BEST
     return best if origin.checkpoint is None and best.is_file() else None
 
 
@@ -324,7 +318,7 @@ def describe(run: Run, origin: Origin, n_test: int) -> dict[str, Any]:
     cfg = run.cfg
     views = view_count(cfg.eval)
     return {"n_test": int(n_test), "tta": views > 1, "tta_views": views, "resolution": int(cfg.data.resolution),
-            "eval_precision": eval_precision_label(cfg.quant.mode, run.device, cfg.eval.precision),
+            "eval_precision": EvalPrecision.of(cfg.quant.mode, run.device, cfg.eval.precision),
             "train_precision": origin.train_precision, "data": run.data.source, "method": origin.method,
             "method_config": origin.method_config, "model": cfg.model.name, "quant": cfg.quant.mode,
             "device": str(run.device), "checkpoint": origin.checkpoint}
@@ -336,17 +330,17 @@ def report_stage(run: Run, labels: np.ndarray, probs: np.ndarray, calibrated: np
     needed."""
     source, method = run.data.source, metrics["method"]
     title = f"{method} on {source}" + (" (synthetic stand-in, not PCam)" if source != "pcam" else "")
-    write_predictions(run.run_dir / "predictions.csv", labels, probs, calibrated)
-    roc = plot_roc(run.run_dir / "roc.png", labels, probs, title)
-    reliability = plot_reliability(run.run_dir / "calibration.png", [(method, labels, probs)] + (
+    write_predictions(run.run_dir / run_files.PREDICTIONS, labels, probs, calibrated)
+    roc = plot_roc(run.run_dir / run_files.ROC, labels, probs, title)
+    reliability = plot_reliability(run.run_dir / run_files.CALIBRATION, [(method, labels, probs)] + (
         [(f"{method}, T={metrics['calibration']['temperature']:.3g}", labels, calibrated)]
         if calibrated is not None else []), title)
-    disk.write_json(run.run_dir / "metrics.json", metrics)
+    disk.write_json(run.run_dir / run_files.METRICS, metrics)
     run.tracker.summary({f"test/{k}": metrics[k] for k in METRIC_NAMES} | {"data": source})
     run.tracker.log_image("test/roc", roc)
     run.tracker.log_image("test/calibration", reliability)
     run.tracker.finish()
-    (run.run_dir / RESUME_FILE).unlink(missing_ok=True)
+    (run.run_dir / run_files.RESUME).unlink(missing_ok=True)
     print(f"\n{title} — results in {run.run_dir}\n{format_table(metrics)}")
 
 
@@ -377,41 +371,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         return None
 
 
-def _snapshot(directory: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in directory.glob("*.yaml")} if directory.is_dir() else {}
-
-
-def _restore(directory: Path, files: dict[Path, bytes]) -> None:
-    """Put back this run's .hydra/ files if a run refused entry meanwhile overwrote them (Hydra writes them
-    before the refused run reaches its lock)."""
-    for path, content in files.items():
-        if not path.is_file() or path.read_bytes() != content:
-            disk.write_text(path, content.decode())
-
-
-def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        run_dir = HydraConfig.get().runtime.output_dir
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def effective_precisions(cfg: DictConfig, device: torch.device) -> DictConfig:
-    """A copy of `cfg` whose train.precision / eval.precision say what will actually run on `device`
-    (hardware=auto turns bf16 into fp32 off CUDA); a precision the device cannot run is an error."""
-    cfg = copy.deepcopy(cfg)
-    for key in ("train", "eval"):
-        asked = cfg[key].precision
-        cfg[key].precision = resolve_precision(asked, f"{key}.precision", device, cfg.hardware.device)
-        if cfg[key].precision != asked:
-            log.info("%s.precision: %s asked, %s on %s (hardware=auto uses bf16 on CUDA only)",
-                     key, asked, cfg[key].precision, device)
-    return cfg
-
-
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
     """Reject impossible settings before any data is read or any step is trained (the schema has already
     checked every key, type and enum at composition)."""
@@ -421,95 +380,9 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         check_precision(cfg[key].precision, f"{key}.precision", device)
     view_count(cfg.eval)
     ColorJitter.from_config(cfg.data.jitter)
-    compression_plan(cfg.prune)
+    plan_from_config(cfg.prune)
     check_quantization(cfg.quant.mode, device)
     if cfg.prune.heal_epochs < 0:
         raise ValueError(f"prune.heal_epochs must be >= 0, got {cfg.prune.heal_epochs}")
 
 
-def compression_plan(pcfg: DictConfig) -> PrunePlan:
-    tau = OmegaConf.to_container(pcfg.tau) if isinstance(pcfg.tau, DictConfig) else pcfg.tau
-    return plan(str(pcfg.method), tau, [str(s) for s in pcfg.order], pcfg.svd_targets, str(pcfg.criterion),
-                str(pcfg.scope), pcfg.target_ratio, pcfg.target_gflops, pcfg.target_params, pcfg.calib_batches)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_data(dcfg: DictConfig) -> Data:
-    root = Path(dcfg.root).expanduser()
-    if dcfg.name == "synthetic":
-        ensure_synthetic(root, {"train": dcfg.n_train, "valid": dcfg.n_valid, "test": dcfg.n_test}, seed=dcfg.seed)
-    limits = {"train": dcfg.limit_train, "valid": dcfg.limit_val, "test": dcfg.limit_test}
-    # The marker file, not the config, decides: generated data is never reported as PCam.
-    source = "synthetic" if is_synthetic(root) else "pcam"
-    # Streaming reads valid and test through once up front: a damaged file fails now, not after training.
-    splits = {name: PCamSplit.load(root, name, limit=limits[name], in_memory=dcfg.in_memory, verify=name != "train")
-              for name in ("train", "valid", "test")}
-    return Data(**splits, source=source)
-
-
-def wandb_names() -> dict[str, str]:
-    """In a sweep: W&B group = the sweep directory, run name = the job's overrides."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return {}
-    hydra_cfg = HydraConfig.get()
-    name = hydra_cfg.job.override_dirname or hydra_cfg.job.name
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {"name": name}
-    sweep = Path(hydra_cfg.sweep.dir)
-    return {"name": name, "group": f"{sweep.parent.name}/{sweep.name}"}
-
-
-def cost(model: torch.nn.Module, resolution: int) -> dict[str, float]:
-    """What a budget limits: parameters and forward GFLOPs at the run's resolution."""
-    return {"params": count_params(model), "gflops": gflops(model, resolution, device=next(model.parameters()).device)}
-
-
-def footprint(model: torch.nn.Module, resolution: int) -> dict[str, float]:
-    figures = cost(model, resolution)
-    return {"params": figures["params"], "gflops": round(figures["gflops"], 4), "memory_mb": round(memory_mb(model), 4)}
-
-
-def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precision: str) -> dict[str, float]:
-    """Latency at batch 1 and throughput at the eval batch size, model forward only, after warm-up."""
-    if not cfg.eval.measure_speed:
-        return {}
-    res, warmup, iters = cfg.data.resolution, cfg.eval.speed_warmup, cfg.eval.speed_iters
-    with autocast(device, precision):
-        return {
-            "latency_ms_b1": round(latency_ms(model, torch.randn(1, 3, res, res, device=device), warmup, iters), 4),
-            "throughput_ips": round(throughput_ips(
-                model, torch.randn(cfg.data.eval_batch_size, 3, res, res, device=device), warmup, iters), 2),
-        }
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """The table a run prints at its end: every metric of the registry with its 95% interval, then footprint,
-    speed and how it was measured."""
-    ci = metrics.get("ci95") or {}
-    how = {"slide": f"{metrics.get('ci_slides')} slides resampled", "patch": "patches resampled"}
-    rows = [f"| metric | value | 95% interval ({how.get(metrics.get('ci_method'), 'none')}) |", "| --- | --- | --- |"]
-    rows += [f"| {m.header} | {format_value(m.name, metrics.get(m.name))} | {format_interval(m.name, ci.get(m.name))} |"
-             for m in METRICS]
-    for key in ("params", "gflops", "memory_mb", "latency_ms_b1", "throughput_ips", "n_test", "tta_views",
-                "resolution", "train_precision", "eval_precision", "data"):
-        value = metrics.get(key)
-        shown = format_value(key, value) if key in ("params", "gflops", "memory_mb") else value
-        rows.append(f"| {key} | {shown} | |")
-    if "operating_points" in metrics:
-        t = metrics["operating_points"]["thresholds"]["val95spec"]
-        rows.append(f"| Sens / Spec at the val95spec threshold (chosen on valid) | "
-                    f"{metrics['sens_at_val95spec_threshold']:.4f} / {metrics['spec_at_val95spec_threshold']:.4f} | "
-                    f"p >= {t:.4g} |")
-    if "calibration" in metrics:
-        c = metrics["calibration"]
-        rows.append(f"| temperature (fitted on valid) | {c['temperature']:.4g} | ECE {c['before']['ece']:.4f} → "
-                    f"{c['after']['ece']:.4f}, NLL {c['before']['nll']:.4f} → {c['after']['nll']:.4f} |")
-    return "\n".join(rows)

@@ -34,7 +34,7 @@ from pcamx.inference.inputs import Batch, InputError, Skipped, batches, discover
 from pcamx.inference.region import TileGrid, read_region, tile_batches
 from pcamx.inference.settings import InferenceSettings, LoadedModel, load_for_inference
 from pcamx.report.heatmap import plot_heatmap
-from pcamx.runtime import disk
+from pcamx.runtime import disk, run_files
 from pcamx.runtime.hardware import DEVICES, PRECISIONS, resolve_device
 
 log = logging.getLogger("pcamx")
@@ -90,7 +90,7 @@ def trained_on(loaded: LoadedModel) -> str | None:
     path = Path(loaded.source["path"])
     for run_dir in (path.parent, path):
         try:
-            return json.loads((run_dir / "metrics.json").read_text()).get("data")
+            return json.loads((run_dir / run_files.METRICS).read_text()).get("data")
         except (OSError, ValueError, AttributeError):
             continue
     return None

@@ -58,6 +58,15 @@ def small_pcam(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("pcam") / "small", SMALL_SIZES, seed=0)
 
 
+def prune_plan(method: str, tau=None, **keys):
+    """compress.chain.plan with conf/prune's defaults for every key not given, as a composed run has them."""
+    from pcamx.compress.chain import plan
+
+    settings = {**pcamx.config.conf_defaults("prune"), **keys}
+    del settings["method"], settings["tau"]
+    return plan(method, tau, **settings)
+
+
 def fast_overrides(root: Path, *extra: str) -> list[str]:
     """A few steps of the tiny model on `root`: the whole pipeline in seconds."""
     return [

@@ -12,22 +12,13 @@ import torch
 from torch import nn
 from transformers import DINOv3ViTModel
 
-from pcamx.compress import (
-    CheckpointMismatchError,
-    LowRankLinear,
-    architecture_spec,
-    compress,
-    keep_by_energy,
-    load_compressed,
-    prune_attention_heads,
-    prune_mlp_neurons,
-    save_compressed,
-    truncated_svd,
-    validate_tau,
-)
-from pcamx.compress.energy import kept_fraction
-from pcamx.compress.heads import head_energies
-from pcamx.compress.mlp import neuron_energies
+from pcamx.compress.chain import compress
+from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
+from pcamx.compress.heads import head_energies, prune_attention_heads
+from pcamx.compress.mlp import neuron_energies, prune_mlp_neurons
+from pcamx.compress.spec import CheckpointMismatchError, architecture_spec, load_compressed, save_compressed
+from pcamx.compress.surgery import LowRankLinear
+from pcamx.compress.svd import truncated_svd
 from pcamx.evaluation.footprint import count_params as count_parameters
 from pcamx.model import PCamClassifier, architecture, build_model
 
@@ -395,12 +386,15 @@ def test_chain_save_and_load_rebuild_the_exact_model(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["architecture.json", "model.safetensors"]
     spec = json.loads((directory / "architecture.json").read_text())
     assert spec["extra"] == {"method": "all", "tau": 0.8}
-    assert spec["layers"] == architecture_spec(model)["layers"]
+    assert spec["shapes"] == architecture_spec(model)["shapes"]
+    # what each step left: ranks of the factorized linears, kept heads and neurons per block
+    assert spec["shapes"]["svd"] and all(0 < r < HIDDEN for r in spec["shapes"]["svd"].values())
+    assert sorted(spec["shapes"]["heads"].values()) == sorted(row["after"] for row in report["heads"])
 
     loaded = load_compressed(directory)
 
     assert count_parameters(loaded) == count_parameters(model)
-    assert architecture_spec(loaded)["layers"] == spec["layers"]
+    assert architecture_spec(loaded)["shapes"] == spec["shapes"]
     torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
 
 
@@ -444,7 +438,7 @@ def test_a_spec_asking_for_more_heads_than_the_config_is_reported(tmp_path):
     save_compressed(make_model(), tmp_path)
     path = tmp_path / "architecture.json"
     spec = json.loads(path.read_text())
-    spec["layers"][0]["num_heads"] = HEADS + 1
+    spec["shapes"]["heads"]["backbone.model.layer.0.attention"] = HEADS + 1
     path.write_text(json.dumps(spec))
     with pytest.raises(CheckpointMismatchError, match="buildable architecture"):
         load_compressed(tmp_path)
@@ -513,7 +507,7 @@ def test_kept_fraction_is_the_kept_share_of_the_energy():
 
 def test_slicing_keeps_a_frozen_weight_frozen() -> None:
     # Head-only and LoRA runs compress a backbone whose weights do not train; pruning must not unfreeze them.
-    from pcamx.compress.svd import keep_input_columns, keep_output_rows
+    from pcamx.compress.surgery import keep_input_columns, keep_output_rows
 
     linear = nn.Linear(4, 3)
     linear.weight.requires_grad_(False)

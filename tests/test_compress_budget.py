@@ -8,16 +8,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_compress import HEAD_DIM, HIDDEN, WIDTH, images, layers, logits, make_model
+from test_compress import HEAD_DIM, HIDDEN, LAYERS, WIDTH, images, layers, logits, make_model
 from test_compress import HEADS as N_HEADS
 
-from pcamx.compress import load_compressed, save_compressed
+from conftest import prune_plan
 from pcamx.compress.blocks import BLOCKS, block_change, keep_blocks
 from pcamx.compress.budget import compress_to_budget, unit_count
-from pcamx.compress.chain import plan, run_plan
+from pcamx.compress.chain import run_plan
 from pcamx.compress.heads import HEADS
 from pcamx.compress.importance import activation, taylor, unit_scores
 from pcamx.compress.mlp import MLP
+from pcamx.compress.spec import load_compressed, save_compressed
 from pcamx.compress.units import allocate, prune_units
 from pcamx.evaluation.footprint import count_params
 
@@ -146,7 +147,8 @@ def test_global_scope_prunes_the_low_energy_block_harder() -> None:
 def test_tau_one_is_lossless_for_every_criterion_and_scope(criterion: str, scope: str) -> None:
     model = make_model()
     before = logits(model)
-    p = plan("all", 1.0, order=("heads", "mlp", "svd", "blocks"), criterion=criterion, scope=scope, calib_batches=2)
+    p = prune_plan("all", 1.0, order=("heads", "mlp", "svd", "blocks"), criterion=criterion, scope=scope,
+                   calib_batches=2)
     report = run_plan(model, p, calibration())
     assert all(row["after"] == row["before"] for step in report.values() for row in step)
     assert torch.equal(logits(model), before)
@@ -171,7 +173,7 @@ def test_removing_a_block_equals_running_the_remaining_blocks() -> None:
 def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> None:
     model, batches = make_model(), calibration()
     scores = unit_scores(model, BLOCKS, "weight", batches)["backbone.model"]
-    report = run_plan(model, plan("blocks", 0.5, calib_batches=2), batches)["blocks"]
+    report = run_plan(model, prune_plan("blocks", 0.5, calib_batches=2), batches)["blocks"]
     assert report[0]["before"] == 2 and report[0]["after"] == 1
     assert report[0]["kept"] == [int(scores.argmax())]
     directory = save_compressed(model, tmp_path / "compressed")
@@ -183,7 +185,7 @@ def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> N
 @pytest.mark.parametrize("criterion", ["activation", "taylor"])
 def test_every_data_aware_variant_reloads_with_identical_outputs(tmp_path, criterion: str) -> None:
     model = make_model()
-    run_plan(model, plan("all", 0.7, order=("blocks", "heads", "mlp", "svd"), criterion=criterion, scope="global",
+    run_plan(model, prune_plan("all", 0.7, order=("blocks", "heads", "mlp", "svd"), criterion=criterion, scope="global",
                          calib_batches=2), calibration())
     loaded = load_compressed(save_compressed(model, tmp_path / criterion))
     assert torch.equal(logits(loaded), logits(model))
@@ -200,7 +202,8 @@ def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
     model = make_model()
     full = count_params(model)
     limit = full - 40 * (2 * HIDDEN + 1) - 7  # room for 40 fewer neurons, less a few parameters
-    compressed, report, found = compress_to_budget(model, plan("mlp", target_params=limit), params_only)
+    p = prune_plan("mlp", target_params=limit)
+    compressed, report, found = compress_to_budget(model, p, params_only)
     per_neuron = 2 * HIDDEN + 1  # an up_proj row, its bias entry and a down_proj column
     assert found["achieved"]["params"] <= limit < found["achieved"]["params"] + per_neuron
     assert count_params(compressed) == found["achieved"]["params"]
@@ -209,14 +212,14 @@ def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
     tau = found["tau"]["mlp"]
     for larger in torch.linspace(tau, 1.0, 50)[1:].tolist():
         trial = copy.deepcopy(model)
-        run_plan(trial, plan("mlp", larger))
-        assert count_params(trial) > limit or unit_count(trial) == unit_count(compressed)
+        run_plan(trial, prune_plan("mlp", larger))
+        assert count_params(trial) > limit or unit_count(trial, p) == unit_count(compressed, p)
 
 
 def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing() -> None:
     model = make_model()
     full = count_params(model)
-    _, _, found = compress_to_budget(model, plan("all", target_ratio=0.75), lambda m: {"gflops": count_params(m),
+    _, _, found = compress_to_budget(model, prune_plan("all", target_ratio=0.75), lambda m: {"gflops": count_params(m),
                                                                                     "params": count_params(m)})
     assert found["achieved"]["gflops"] <= 0.75 * full and found["achieved"]["gflops_ratio"] <= 0.75
     # the largest: with SVD in the plan too (whose layers fall back to dense together at some τ), no larger
@@ -224,15 +227,15 @@ def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing
     tau = found["tau"]["heads"]
     for larger in torch.linspace(tau, 1.0, 40)[1:].tolist():
         trial = copy.deepcopy(model)
-        run_plan(trial, plan("all", larger))
+        run_plan(trial, prune_plan("all", larger))
         assert count_params(trial) > 0.75 * full or count_params(trial) == found["achieved"]["params"], larger
-    same, report, found = compress_to_budget(model, plan("heads", target_params=full), params_only)
+    same, report, found = compress_to_budget(model, prune_plan("heads", target_params=full), params_only)
     assert found["tau"] == {"heads": 1.0} and torch.equal(logits(same), logits(model))
 
 
 def test_an_unreachable_budget_fails_with_the_smallest_reachable_cost() -> None:
     with pytest.raises(ValueError, match=r"out of reach: the smallest model .* has \d+ params"):
-        compress_to_budget(make_model(), plan("heads", target_params=1000), params_only)
+        compress_to_budget(make_model(), prune_plan("heads", target_params=1000), params_only)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -242,7 +245,7 @@ def test_an_unreachable_budget_fails_with_the_smallest_reachable_cost() -> None:
 ])
 def test_bad_budgets_are_named(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
-        plan("all", **kwargs)
+        prune_plan("all", **kwargs)
 
 
 def test_a_layer_factorized_counts_fewer_units_than_the_dense_one() -> None:
@@ -251,7 +254,11 @@ def test_a_layer_factorized_counts_fewer_units_than_the_dense_one() -> None:
     from pcamx.compress.svd import SVD_TARGETS, truncated_svd
 
     dense, factorized = make_model(), make_model()
-    truncated_svd(factorized, 0.3)
-    low = unit_count(factorized, SVD_TARGETS)
-    assert low < unit_count(dense, SVD_TARGETS)
-    assert unit_count(dense, SVD_TARGETS) == unit_count(dense) + 2 * (4 * HIDDEN + 2 * HIDDEN)  # q,k,v,o + up, down
+    truncated_svd(factorized, 0.3, SVD_TARGETS)
+    p = prune_plan("svd", 0.3, svd_targets="all")
+    low = unit_count(factorized, p)
+    assert low < unit_count(dense, p)
+    assert unit_count(dense, p) == LAYERS * (4 * HIDDEN + 2 * HIDDEN)  # full ranks: q,k,v,o (32×32), up, down
+    # The other steps' units are their heads, neurons and blocks.
+    others = prune_plan("all", 0.3, order=["heads", "mlp", "blocks"], calib_batches=1)
+    assert unit_count(dense, others) == LAYERS * (N_HEADS + WIDTH) + LAYERS

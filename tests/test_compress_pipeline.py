@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import compose_config, fast_overrides, read_predictions
+from conftest import compose_config, fast_overrides, prune_plan, read_predictions
 from pcamx import pipeline
 from pcamx.checkpoint import CheckpointError
-from pcamx.compress.chain import plan
 from pcamx.evaluation.metrics import METRIC_NAMES
 
 
@@ -32,7 +31,7 @@ def test_unknown_prune_method_errors() -> None:
         compose_config("prune.method=lottery")
     assert "expected one of [none, heads, mlp, svd, blocks, all]" in str(err.value.__cause__)
     with pytest.raises(ValueError, match="heads, mlp, svd, blocks, all"):  # the library checks too
-        plan("lottery", 0.9)
+        prune_plan("lottery", 0.9)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,6 @@ def test_a_budget_run_with_data_aware_importance_whole_blocks_and_healing(small_
 
 @pytest.mark.parametrize("overrides, message", [
     (["prune=heads", "prune.criterion=activation", "prune.calib_batches=0"], "calib_batches >= 1"),
-    (["prune=all", "prune.scope=model"], "layer, global"),
     (["prune=all", "prune.target_ratio=0.5", "prune.target_gflops=1"], "give one budget"),
 ])
 def test_bad_compression_settings_fail_before_anything_runs(tmp_path: Path, overrides: list[str], message: str) -> None:

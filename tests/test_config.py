@@ -36,6 +36,10 @@ def test_every_group_option_composes_completely(group: str, option: str) -> None
     ("train.select_metric=aurocc", "[auroc, auprc, sens_at_95spec, ece, brier, acc, nll, sens95, val_loss]"),
     ("prune.order=[heads,mlp,sdv]", "[heads, mlp, svd, blocks]"),
     ("prune.criterion=magnitude", "[weight, activation, taylor]"),
+    ("prune.scope=model", "[layer, global]"),
+    ("prune.method=lottery", "[none, heads, mlp, svd, blocks, all]"),
+    ("model.architecture=vitb", "[vits16, tiny]"),
+    ("eval.calibrate=platt", "[none, temperature]"),
 ])
 def test_a_typo_in_an_enum_key_fails_at_composition_with_the_allowed_values(override: str, allowed: str) -> None:
     with pytest.raises(ConfigCompositionException) as err:

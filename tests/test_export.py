@@ -13,10 +13,10 @@ import torch
 from conftest import TINY_ARCH
 from pcamx import export
 from pcamx.checkpoint import CheckpointError, save_checkpoint
-from pcamx.compress import compress
+from pcamx.compress.chain import compress
 from pcamx.compress.heads import attention_blocks
 from pcamx.compress.spec import save_compressed
-from pcamx.compress.svd import LowRankLinear
+from pcamx.compress.surgery import LowRankLinear
 from pcamx.data.synthetic import generate_split
 from pcamx.evaluation.evaluate import predict_batch
 from pcamx.model import architecture, build_classifier

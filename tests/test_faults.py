@@ -22,12 +22,12 @@ import torch
 
 from conftest import REPO, compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
-from pcamx.checkpoint import RESUME_FILE, CheckpointError, load_checkpoint, read_checkpoint
+from pcamx.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from pcamx.data.pcam import PCamDataError, PCamSplit
 from pcamx.data.synthetic import write_synthetic
-from pcamx.runtime import disk
+from pcamx.runtime import disk, run_files
 from pcamx.runtime.interrupts import RunInterrupted
-from pcamx.runtime.locks import RUN_LOCK, RunDirBusy
+from pcamx.runtime.locks import RunDirBusy
 from pcamx.training import loop as train
 from pcamx.training.loop import TrainingDiverged
 from pcamx.training.resume import ResumeMismatchError
@@ -62,7 +62,7 @@ def killed_run(small_pcam: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(Killed):
         pipeline.run(compose_config(*overrides(small_pcam, *extra)), run_dir=run_dir)
     monkeypatch.undo()
-    assert (run_dir / RESUME_FILE).is_file()
+    assert (run_dir / run_files.RESUME).is_file()
 
 
 # ---------------------------------------------------------------- honest resume
@@ -81,7 +81,7 @@ def test_resume_refuses_changed_training_settings_and_names_them(small_pcam: Pat
         assert "seed" not in message  # only what differs
     failed = json.loads((run_dir / "metrics.json").read_text())
     assert failed["status"] == "failed" and "ResumeMismatchError" in failed["error"]
-    assert (run_dir / RESUME_FILE).is_file()  # the interrupted run's state is kept
+    assert (run_dir / run_files.RESUME).is_file()  # the interrupted run's state is kept
     fresh = pipeline.run(compose_config(*overrides(small_pcam, "train.lr=0.05", "resume=false")), run_dir=run_dir)
     assert fresh["status"] == "ok" and fresh["train_steps"] == 8
 
@@ -90,7 +90,7 @@ def test_resume_accepts_settings_that_do_not_change_training_and_logs_it(
         small_pcam: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
     killed_run(small_pcam, run_dir, monkeypatch)
-    saved_seconds = read_checkpoint(run_dir / RESUME_FILE, weights_only=False)["seconds"]
+    saved_seconds = read_checkpoint(run_dir / run_files.RESUME, weights_only=False)["seconds"]
     assert saved_seconds > 0
     caplog.set_level(logging.INFO, logger="pcamx")
     # Test-time evaluation, the data's location and the thread count change nothing about training.
@@ -129,9 +129,9 @@ def test_a_second_run_in_a_busy_directory_fails_at_once_and_touches_nothing(smal
         holder.kill()
         holder.wait()
     # The holder died without releasing (SIGKILL): its lock is stale and is taken over.
-    assert (run_dir / RUN_LOCK).is_file()
+    assert (run_dir / run_files.LOCK).is_file()
     metrics = pipeline.run(compose_config(*overrides(small_pcam)), run_dir=run_dir)
-    assert metrics["status"] == "ok" and not (run_dir / RUN_LOCK).exists()
+    assert metrics["status"] == "ok" and not (run_dir / run_files.LOCK).exists()
 
 
 def test_default_run_directories_differ_within_a_second() -> None:
@@ -168,7 +168,7 @@ def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(small_pcam: P
     assert re.search(r"diverged.* step \d+", str(err.value)), str(err.value)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["reason"] == "diverged"
-    for name in ("best.pt", "last.pt", RESUME_FILE):
+    for name in ("best.pt", "last.pt", run_files.RESUME):
         if (tmp_path / name).is_file():
             state = read_checkpoint(tmp_path / name, weights_only=False)
             weights = state["model"]
@@ -199,7 +199,7 @@ def test_sigterm_mid_training_saves_and_the_rerun_ends_identically(small_pcam: P
     assert err.value.step == 6 and err.value.exit_code == 143  # step 5 finished, then it stopped
     stopped = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGTERM" and stopped["step"] == 6
-    assert read_checkpoint(tmp_path / "run" / RESUME_FILE, weights_only=False)["step"] == 6
+    assert read_checkpoint(tmp_path / "run" / run_files.RESUME, weights_only=False)["step"] == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
     resumed = pipeline.run(compose_config(*overrides(small_pcam)), run_dir=tmp_path / "run")
     for key in ("auroc", "nll", "brier", "ece", "acc", "sens_at_95spec"):
@@ -228,7 +228,7 @@ def test_a_signalled_run_prints_one_line_and_exits_128_plus_signal(small_pcam: P
     line = [ln for ln in stderr.splitlines() if ln.startswith("pcamx: stopped by")]
     assert len(line) == 1 and signal.Signals(sig).name in line[0] and "rerun the same command" in line[0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted" and (run_dir / RESUME_FILE).is_file()
+    assert metrics["status"] == "interrupted" and (run_dir / run_files.RESUME).is_file()
 
 
 def _read(path: Path) -> str:
@@ -289,10 +289,10 @@ def test_resume_pt_as_checkpoint_and_a_damaged_resume_pt_are_clear(small_pcam: P
     run_dir = tmp_path / "run"
     killed_run(small_pcam, run_dir, monkeypatch)
     with pytest.raises(CheckpointError, match="resumable state of an unfinished training run") as err:
-        load_checkpoint(run_dir / RESUME_FILE, TINY_MODEL)
+        load_checkpoint(run_dir / run_files.RESUME, TINY_MODEL)
     assert "\x1b[" not in str(err.value)
-    flip_tensor_byte(run_dir / RESUME_FILE)
-    with pytest.raises(CheckpointError, match=f"{run_dir / RESUME_FILE} is damaged"):
+    flip_tensor_byte(run_dir / run_files.RESUME)
+    with pytest.raises(CheckpointError, match=f"{run_dir / run_files.RESUME} is damaged"):
         pipeline.run(compose_config(*overrides(small_pcam)), run_dir=run_dir)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from test_report import PNG_MAGIC, REFERENCE, make_run, metrics, read_csv, table_rows
 
-from pcamx.report.frontier import FRONTIER_FILE, frontier_data
+from pcamx.report.frontier import frontier_data
 from pcamx.report.reference_table import method_label
 from pcamx.report.sweep import collect_runs, format_pruning, pareto_optimal, summarize
+from pcamx.runtime import run_files
 
 STEPS = ["heads", "mlp", "svd"]
 TAUS = {"heads": 0.89, "mlp": 0.975, "svd": 0.975}
@@ -126,11 +127,11 @@ def test_no_pareto_column_without_an_ok_run_with_both_numbers(tmp_path: Path) ->
     root = tmp_path / "sweep"
     make_run(root, "0", ["method=lora"], metrics("lora", gflops=None))
     make_run(root, "1", ["method=fullft"], None)
-    (root / FRONTIER_FILE).write_bytes(PNG_MAGIC)  # an earlier table's figure: it no longer matches
+    (root / run_files.FRONTIER).write_bytes(PNG_MAGIC)  # an earlier table's figure: it no longer matches
     _, paths = summarize([root], root)
     md = paths["md"].read_text()
     assert "Pareto" not in table_rows(md)[0] and "◆" not in md
-    assert "frontier" not in paths and not (root / FRONTIER_FILE).exists()
+    assert "frontier" not in paths and not (root / run_files.FRONTIER).exists()
 
 
 # ---------------------------------------------------------------- resolution and the csv
@@ -262,7 +263,7 @@ def test_frontier_splits_what_differs_and_uses_seed_means(tmp_path: Path) -> Non
 def test_frontier_png_is_written_beside_the_summary(tmp_path: Path) -> None:
     root = frontier_sweep(tmp_path / "sweep")
     _, paths = summarize([root], tmp_path / "tables")
-    assert paths["frontier"] == tmp_path / "tables" / FRONTIER_FILE
+    assert paths["frontier"] == tmp_path / "tables" / run_files.FRONTIER
     assert paths["frontier"].read_bytes()[:8] == PNG_MAGIC
     _, paths = summarize([root], tmp_path / "reference", style="reference")  # every layout gets it
     assert paths["frontier"].read_bytes()[:8] == PNG_MAGIC

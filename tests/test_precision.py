@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import pipeline
-from pcamx.compress.quant import eval_precision_label
+from pcamx.compress.quant import EvalPrecision
 from pcamx.runtime.hardware import autocast, resolve_precision
 from pcamx.training import loop as train
 
@@ -41,11 +41,15 @@ def test_bf16_autocast_really_runs_in_bf16_on_the_cpu() -> None:
 
 
 def test_eval_precision_labels() -> None:
-    assert eval_precision_label("none", CPU, "fp32") == "fp32"
-    assert eval_precision_label("none", CUDA, "bf16") == "bf16-autocast"
-    assert eval_precision_label("bf16", CPU, "bf16") == "bf16"  # quantized: its own dtype
-    assert eval_precision_label("int8", CPU) == "int8-dynamic"
-    assert eval_precision_label("int8", CUDA) == "int8-weight-only"
+    assert EvalPrecision.of("none", CPU, "fp32") == "fp32"
+    assert EvalPrecision.of("none", CUDA, "bf16") == "bf16-autocast"
+    assert EvalPrecision.of("bf16", CPU, "bf16") == "bf16"  # quantized: its own dtype
+    assert EvalPrecision.of("int8", CPU) == "int8-dynamic"
+    assert EvalPrecision.of("int8", CUDA) == "int8-weight-only"
+    # Each label says the mode it comes from, and the table shows it as the reference does.
+    assert [(p.quant, p.label) for p in EvalPrecision] == [
+        ("none", "none (f32)"), ("none", "none (bf16 autocast)"), ("bf16", "bf16"), ("int8", "int8 (weight-only)"),
+        ("int8", "int8 (dynamic)")]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from PIL import Image
 from conftest import compose_config, fast_overrides, read_predictions
 from pcamx import predict as cli
 from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, read_checkpoint, save_checkpoint
-from pcamx.compress.spec import ARCHITECTURE_FILE
 from pcamx.data.pcam import split_paths
 from pcamx.evaluation.operating_points import (
     choose_thresholds,
@@ -30,6 +29,7 @@ from pcamx.evaluation.operating_points import (
 from pcamx.inference.inputs import InputError, Skipped, batches, discover
 from pcamx.inference.region import TileGrid, read_region, tile_batches
 from pcamx.pipeline import run
+from pcamx.runtime import run_files
 
 # ---------------------------------------------------------------- thresholds against direct counting
 
@@ -228,7 +228,7 @@ def test_compressed_and_quantized_runs_predict_as_they_were_evaluated(small_pcam
     run_dir = tmp_path / "run"
     run(compose_config(*fast_overrides(small_pcam, "prune=all",
                                        "prune.tau=0.9", f"quant={quant}", "eval.tta_views=6")), run_dir)
-    spec = json.loads((run_dir / "compressed" / ARCHITECTURE_FILE).read_text())
+    spec = json.loads((run_dir / "compressed" / run_files.ARCHITECTURE).read_text())
     assert spec["extra"][INFERENCE_KEY] == {"resolution": 32, "tta_views": 6, "precision": "fp32", "quant": quant}
     assert spec["extra"][OPERATING_POINTS_KEY] == json.loads((run_dir / "metrics.json").read_text())[
         "operating_points"]

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from pcamx.compress import compress
+from pcamx.compress.chain import compress
 from pcamx.compress.quant import quantize
 from pcamx.model import PCamClassifier, build_model
 
@@ -79,14 +79,14 @@ def test_unknown_mode_lists_the_allowed_ones():
 
 def test_int8_off_cpu_and_cuda_is_refused_before_anything_moves():
     model = make_model()
-    with pytest.raises(ValueError, match="'int8' runs on cpu or cuda, not mps"):
+    with pytest.raises(ValueError, match="quant=int8 runs on cpu or cuda, not mps"):
         quantize(model, "int8", torch.device("mps"))
     assert next(model.parameters()).device == CPU
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine really has an MPS device")
 def test_bf16_on_an_unusable_device_is_refused():
-    with pytest.raises(RuntimeError, match="'bf16' is not supported on mps"):
+    with pytest.raises(RuntimeError, match="quant=bf16 is not supported on mps"):
         quantize(make_model(), "bf16", torch.device("mps"))
 
 

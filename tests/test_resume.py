@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose_config, fast_overrides
 from pcamx import pipeline
-from pcamx.checkpoint import RESUME_FILE
+from pcamx.runtime import run_files
 from pcamx.training import loop as train
 
 
@@ -26,7 +26,7 @@ def test_resume_after_kill_reproduces_uninterrupted_metrics(small_pcam: Path, tm
                                                             method: str) -> None:
     cfg = compose_config(*overrides(small_pcam, f"method={method}"))
     reference = pipeline.run(cfg, run_dir=tmp_path / "uninterrupted")
-    assert not (tmp_path / "uninterrupted" / RESUME_FILE).exists()  # cleaned up after a finished run
+    assert not (tmp_path / "uninterrupted" / run_files.RESUME).exists()  # cleaned up after a finished run
 
     # Kill at step 5 of 8: after the step-3 checkpoint, mid-epoch (4 steps per epoch).
     original = train.warmup_cosine
@@ -39,7 +39,7 @@ def test_resume_after_kill_reproduces_uninterrupted_metrics(small_pcam: Path, tm
     monkeypatch.setattr(train, "warmup_cosine", dying)
     with pytest.raises(Killed):
         pipeline.run(cfg, run_dir=tmp_path / "killed")
-    assert (tmp_path / "killed" / RESUME_FILE).is_file()
+    assert (tmp_path / "killed" / run_files.RESUME).is_file()
     monkeypatch.setattr(train, "warmup_cosine", original)
 
     resumed = pipeline.run(compose_config(*overrides(small_pcam, f"method={method}", "resume=true")),
@@ -58,6 +58,6 @@ def test_resume_true_without_state_says_where_it_looked(small_pcam: Path, tmp_pa
 
 
 def test_resume_false_ignores_an_old_state(small_pcam: Path, tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / RESUME_FILE).write_bytes(b"stale state from an earlier attempt")
+    (tmp_path / run_files.RESUME).write_bytes(b"stale state from an earlier attempt")
     metrics = pipeline.run(compose_config(*overrides(small_pcam, "resume=false")), run_dir=tmp_path)
     assert metrics["train_steps"] == 8

@@ -27,6 +27,8 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
+from pcamx.runtime import run_files
+
 log = logging.getLogger(__name__)
 POLL_S = 2.0  # between checks of the jobs' state
 GONE_S = 15.0  # a job out of squeue this long without a result file has ended without one
@@ -144,10 +146,10 @@ class _Reporting(BaseSubmititLauncher):
 
     def _lost(self, run_dir: Path, overrides: list[str], job: Any, err: Exception) -> JobReturn:
         log.error(f"job {job.job_id} ({' '.join(overrides)}) ended without a result: {type(err).__name__}")
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        if not (run_dir / ".hydra" / "overrides.yaml").is_file():
-            OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
-        metrics = run_dir / "metrics.json"
+        (run_dir / run_files.HYDRA_DIR).mkdir(parents=True, exist_ok=True)
+        if not (run_dir / run_files.HYDRA_OVERRIDES).is_file():
+            OmegaConf.save(OmegaConf.create(overrides), run_dir / run_files.HYDRA_OVERRIDES)
+        metrics = run_dir / run_files.METRICS
         if not metrics.is_file() or json.loads(metrics.read_text() or "{}").get("status") not in (
                 "ok", "failed", "interrupted"):
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -6,7 +6,7 @@ weight-only version of this score, so the `blocks` step always needs calibration
 
 The backbone's config keeps the depth the weights came from (a DINOv3 config cannot describe a depth other
 than its `num_hidden_layers` stages); the encoder records which original blocks remain, and the compressed
-checkpoint's architecture.json carries that list so a reload rebuilds the smaller depth.
+checkpoint records that list (the kind's shape) so a reload rebuilds the smaller depth.
 """
 
 from __future__ import annotations
@@ -85,4 +85,8 @@ BLOCKS = UnitKind(
     keep=keep_blocks,
     own_scores=block_change,
     list_kept=True,
+    # A full encoder's positions are the original indices: keeping the recorded ones rebuilds the depth.
+    record=kept_blocks,
+    reapply=lambda enc, kept: None if list(kept) == kept_blocks(enc) else keep_blocks(enc, kept),
+    outer=True,
 )

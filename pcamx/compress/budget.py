@@ -18,7 +18,6 @@ from torch import nn
 
 from pcamx.compress.chain import STEPS, PrunePlan, run_plan
 from pcamx.compress.importance import CalibBatch
-from pcamx.compress.svd import LowRankLinear, svd_candidates
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,9 @@ TAU_RESOLUTION = 1e-7  # a unit holding less than this share of its group's scor
 Measure = Callable[[nn.Module], dict[str, float]]  # model → {"gflops": …, "params": …}
 
 
-def unit_count(model: nn.Module, svd_targets: tuple[str, ...] = ()) -> int:
-    """Heads + MLP neurons + blocks, and with SVD targets their ranks (a dense target counts its full rank, so
-    a layer that falls back to dense is many units, not fewer): what one step of the search adds or removes."""
-    total = sum(kind.size(group) for kind in STEPS.values() if kind is not None for _, group in kind.groups(model))
-    if svd_targets:
-        total += sum(min(lin.in_features, lin.out_features) for *_, lin in svd_candidates(model, svd_targets))
-        total += sum(m.rank for m in model.modules() if isinstance(m, LowRankLinear))
-    return total
+def unit_count(model: nn.Module, p: PrunePlan) -> int:
+    """The units the plan's steps could still remove (heads, neurons, blocks, ranks): the search's grain."""
+    return sum(STEPS[step].units(model, p) for step in p.steps)
 
 
 def compress_to_budget(model: nn.Module, p: PrunePlan, measure: Measure,
@@ -66,7 +60,7 @@ def compress_to_budget(model: nn.Module, p: PrunePlan, measure: Measure,
                 f"(uncompressed: {full[budget.measure]:.6g}; budget: {limit:.6g}). Allow more, or add steps "
                 f"(prune=all, prune.order with blocks).")
         best, lo_tau, hi_tau = floor, TAU_FLOOR, 1.0
-        units = lambda m: unit_count(m, p.svd_targets)  # noqa: E731
+        units = lambda m: unit_count(m, p)  # noqa: E731
         hi_units = units(model)
         while hi_tau - lo_tau > TAU_RESOLUTION and hi_units - units(best[0]) > 1:
             mid = (lo_tau + hi_tau) / 2

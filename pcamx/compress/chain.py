@@ -3,31 +3,30 @@ runs the steps in order.
 
 `STEPS` is the one place that says what each step removes: a unit kind (`units.UnitKind`: groups, weight
 score, surgery; scored by `importance.CRITERIA`, allocated by `units.allocate`) or, for `svd`, the rank rule
-of `svd.truncated_svd`. Adding a unit kind is one entry here plus its module; adding a criterion is one entry
-in `importance.CRITERIA`.
+of `svd.truncated_svd`; each is a `units.Step`. Adding a unit kind is one entry here plus its module (and its
+conf/prune yaml); adding a criterion is one entry in `importance.CRITERIA`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from pcamx.compress.blocks import BLOCKS
 from pcamx.compress.energy import validate_tau
 from pcamx.compress.heads import HEADS
-from pcamx.compress.importance import CalibBatch, unit_scores, validate_criterion
+from pcamx.compress.importance import CalibBatch, validate_criterion
 from pcamx.compress.mlp import MLP
-from pcamx.compress.svd import SVD_TARGETS, resolve_targets, truncated_svd
-from pcamx.compress.units import UnitKind, prune_units, validate_scope
+from pcamx.compress.svd import SVD, resolve_targets
+from pcamx.compress.units import Step, validate_scope
 
-SVD = "svd"
-STEPS: dict[str, UnitKind | None] = {"heads": HEADS, "mlp": MLP, SVD: None, "blocks": BLOCKS}
-DEFAULT_ORDER = ("heads", "mlp", SVD)
-METHODS = ("none", *STEPS, "all")
+STEPS: dict[str, Step] = {"heads": HEADS, "mlp": MLP, "svd": SVD, "blocks": BLOCKS}
+METHODS = ("none", *STEPS, "all")  # prune.method: one step, or `all` for prune.order's chain
 TARGETS = ("target_ratio", "target_gflops", "target_params")
 
 
@@ -56,19 +55,18 @@ class PrunePlan:
     """A checked compression request: the steps in run order and the τ of each (None while a budget
     search has still to find it)."""
 
-    steps: tuple[str, ...] = ()
-    tau: dict[str, float | None] = field(default_factory=dict)
-    svd_targets: tuple[str, ...] = ()
-    criterion: str = "weight"
-    scope: str = "layer"
-    budget: Budget | None = None
-    calib_batches: int = 0
+    steps: tuple[str, ...]
+    tau: dict[str, float | None]
+    svd_targets: tuple[str, ...]
+    criterion: str
+    scope: str
+    budget: Budget | None
+    calib_batches: int
 
     @property
     def needs_calibration(self) -> bool:
         """Whether any step scores units on data (a data-aware criterion, or a kind that always does)."""
-        kinds = [STEPS[s] for s in self.steps if STEPS[s] is not None]
-        return any(k.own_scores is not None or self.criterion != "weight" for k in kinds)
+        return any(STEPS[s].needs_calibration(self.criterion) for s in self.steps)
 
     def with_tau(self, tau: float) -> PrunePlan:
         return replace(self, tau=dict.fromkeys(self.steps, tau))
@@ -118,19 +116,22 @@ def _budget(targets: Mapping[str, float | None]) -> Budget | None:
 
 def plan(
     method: str,
-    tau: float | Mapping[str, float] | None = None,
-    order: Sequence[str] = DEFAULT_ORDER,
-    svd_targets: str | Iterable[str] = SVD_TARGETS,
-    criterion: str = "weight",
-    scope: str = "layer",
+    tau: float | Mapping[str, float] | None,
+    *,
+    order: Sequence[str],
+    svd_targets: str | Iterable[str],
+    criterion: str,
+    scope: str,
+    calib_batches: int,
     target_ratio: float | None = None,
     target_gflops: float | None = None,
     target_params: float | None = None,
-    calib_batches: int = 0,
+    heal_epochs: int = 0,
 ) -> PrunePlan:
-    """Check every compression argument and return the plan.
+    """Check every compression argument (the keys of conf/prune) and return the plan.
 
-    Runs before anything else in a run, so a bad τ fails in a second, not after hours of training."""
+    Runs before anything else in a run, so a bad τ fails in a second, not after hours of training. Healing is
+    not part of the plan (pcamx.training.heal runs it after)."""
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
     order = tuple(order)
@@ -144,7 +145,7 @@ def plan(
     taus = _taus(tau, steps, searched=budget is not None)
     if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 0:
         raise ValueError(f"prune.calib_batches must be a whole number >= 0, got {calib_batches!r}")
-    p = PrunePlan(steps=steps, tau=taus, svd_targets=resolve_targets(svd_targets) if SVD in steps else (),
+    p = PrunePlan(steps=steps, tau=taus, svd_targets=resolve_targets(svd_targets) if SVD.name in steps else (),
                   criterion=validate_criterion(criterion), scope=validate_scope(scope), budget=budget,
                   calib_batches=calib_batches)
     if p.needs_calibration and calib_batches < 1:
@@ -153,35 +154,28 @@ def plan(
     return p
 
 
+def plan_from_config(prune: Mapping[str, Any]) -> PrunePlan:
+    """The plan of a run's `prune` config node."""
+    settings = {k: (OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else v)
+                for k, v in prune.items()}
+    return plan(str(settings.pop("method")), settings.pop("tau"), **settings)
+
+
 def run_plan(model: nn.Module, p: PrunePlan, calibration: Sequence[CalibBatch] | None = None) -> dict[str, list[dict]]:
     """Run the steps of a plan whose τ are all known, in order, each scoring the model as the previous left it."""
     if any(t is None for t in p.tau.values()):
         raise ValueError("this plan has a budget: run it with budget.compress_to_budget")
-    report = {}
-    for step in p.steps:
-        kind = STEPS[step]
-        if kind is None:
-            report[step] = truncated_svd(model, p.tau[step], p.svd_targets)
-        else:
-            scores = unit_scores(model, kind, p.criterion, calibration)
-            report[step] = prune_units(model, kind, p.tau[step], scores, p.scope)
-    return report
+    return {step: STEPS[step].compress(model, p.tau[step], p, calibration) for step in p.steps}
 
 
-def compress(
-    model: nn.Module,
-    method: str,
-    tau: float | Mapping[str, float] | None = None,
-    order: Sequence[str] = DEFAULT_ORDER,
-    svd_targets: str | Iterable[str] = SVD_TARGETS,
-    criterion: str = "weight",
-    scope: str = "layer",
-    calibration: Sequence[CalibBatch] | None = None,
-) -> dict[str, list[dict]]:
-    """Compress `model` in place with `method` (none|heads|mlp|svd|blocks|all) and return each step's report.
+def compress(model: nn.Module, method: str, tau: float | Mapping[str, float] | None = None,
+             calibration: Sequence[CalibBatch] | None = None, **settings: Any) -> dict[str, list[dict]]:
+    """Compress `model` in place with `method` (a step, or `all` for the chain in `order`) and return each step's
+    report. `settings` are prune keys (order, svd_targets, criterion, scope); the rest are conf/prune's
+    defaults. Data-aware criteria and the blocks step score on `calibration` batches. Everything is validated
+    before the model is touched, so a bad argument leaves it intact. Budgets: `budget.compress_to_budget`."""
+    from pcamx.config import conf_defaults  # the defaults live in conf/, read when this API is used
 
-    `tau` is one number for every step or a mapping {step: τ}. "all" runs the steps in `order`. Data-aware
-    criteria and the blocks step score on `calibration` batches. Everything is validated before the model
-    is touched, so a bad argument leaves it intact. Budgets: `budget.compress_to_budget`."""
-    p = plan(method, tau, order, svd_targets, criterion, scope, calib_batches=len(calibration or ()))
-    return run_plan(model, p, calibration)
+    given = {**conf_defaults("prune"), "calib_batches": len(calibration or ()), **settings}
+    given.pop("method"), given.pop("tau")
+    return run_plan(model, plan(method, tau, **given), calibration)

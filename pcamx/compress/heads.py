@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTAttention
 
-from pcamx.compress.svd import dense_weight, keep_input_columns, keep_output_rows, require_linear
+from pcamx.compress.surgery import dense_weight, keep_input_columns, keep_output_rows, require_linear
 from pcamx.compress.units import UnitKind, prune_units
 
 

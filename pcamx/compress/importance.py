@@ -17,13 +17,16 @@ are preprocessed pixel values already on the model's device, with labels or None
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcamx.compress.svd import LowRankLinear, dense_weight
-from pcamx.compress.units import UnitKind
+from pcamx.compress.surgery import LowRankLinear, dense_weight
+
+if TYPE_CHECKING:
+    from pcamx.compress.units import UnitKind
 
 CalibBatch = tuple[torch.Tensor, torch.Tensor | None]
 Scores = dict[str, torch.Tensor]

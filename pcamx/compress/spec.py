@@ -1,8 +1,10 @@
 """Compressed checkpoints: weights plus the JSON description needed to rebuild the pruned shapes exactly.
 
-A compressed model no longer matches its DINOv3 config (fewer heads, narrower MLPs, factorized linears),
-so `architecture.json` records those shapes and `load_compressed` re-applies them to a freshly built
-model, without recomputing any energies, before loading `model.safetensors` strictly.
+A compressed model no longer matches its DINOv3 config (fewer blocks or heads, narrower MLPs, factorized
+linears), so `architecture.json` records the shape each compression step (`chain.STEPS`) left, and
+`load_compressed` has every step give a freshly built model that shape again, without recomputing any
+scores, before loading `model.safetensors` strictly. A new kind of step is recorded and rebuilt through its
+own `shape` / `reshape` (`units.Step`): nothing here changes.
 """
 
 from __future__ import annotations
@@ -14,20 +16,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 
-from pcamx.compress.blocks import KEPT_ATTR, encoders, keep_blocks, kept_blocks
-from pcamx.compress.heads import keep_attention_heads
-from pcamx.compress.mlp import keep_mlp_neurons
-from pcamx.compress.svd import LowRankLinear
+from pcamx.compress.chain import STEPS
 from pcamx.model import PCamClassifier, build_classifier
-from pcamx.runtime import disk
+from pcamx.runtime import disk, run_files
 
-WEIGHTS_FILE = "model.safetensors"
-ARCHITECTURE_FILE = "architecture.json"
-SPEC_FORMAT = 1
+SPEC_FORMAT = 2  # 1: per-layer head counts, MLP widths and ranks (read, converted to step shapes)
 _METADATA = {"format": "pt"}
 
 
@@ -35,33 +31,18 @@ class CheckpointMismatchError(ValueError):
     """The weights in a compressed checkpoint do not fit the architecture it records."""
 
 
-def _blocks(backbone: nn.Module) -> list[DINOv3ViTLayer]:
-    return [m for m in backbone.modules() if isinstance(m, DINOv3ViTLayer)]
-
-
-def _layer_spec(layer: DINOv3ViTLayer) -> dict[str, Any]:
-    return {
-        "num_heads": layer.attention.num_heads,
-        "mlp_width": layer.mlp.up_proj.out_features,
-        "low_rank": {name: m.rank for name, m in layer.named_modules() if isinstance(m, LowRankLinear)},
-    }
-
-
 def architecture_spec(model: PCamClassifier) -> dict[str, Any]:
     """JSON-ready description of `model`'s (possibly compressed) architecture."""
     if not isinstance(model, PCamClassifier):
         raise TypeError(f"expected a PCamClassifier, got {type(model).__name__}")
     config = model.backbone.config
-    (_, encoder), = encoders(model.backbone)
-    removed = {"blocks": kept_blocks(encoder)} if hasattr(encoder, KEPT_ATTR) else {}
     return {
         "format": SPEC_FORMAT,
         "backbone_config": json.loads(config.to_json_string(use_diff=False)),
         "attn_implementation": getattr(config, "_attn_implementation", None) or "sdpa",
         "dtype": str(model.head.weight.dtype).removeprefix("torch."),
         "num_classes": model.head.out_features,
-        "layers": [_layer_spec(layer) for layer in _blocks(model.backbone)],
-        **removed,  # the original indices of the blocks left, when whole blocks were removed
+        "shapes": {name: step.shape(model) for name, step in STEPS.items()},
     }
 
 
@@ -76,59 +57,45 @@ def save_compressed(model: PCamClassifier, directory: str | os.PathLike, extra: 
 
     # Weights first, so a new directory never holds an architecture.json without its weights; the spec
     # records their sha256, checked on load.
-    with disk.atomic_path(directory / WEIGHTS_FILE, disk.tensor_bytes(tensors)) as tmp:
+    with disk.atomic_path(directory / run_files.WEIGHTS, disk.tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=_METADATA)
         spec["weights_sha256"] = disk.sha256_file(tmp)
-    disk.write_text(directory / ARCHITECTURE_FILE, json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    disk.write_text(directory / run_files.ARCHITECTURE, json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return directory
 
 
 
 def update_extra(directory: str | os.PathLike, **entries: Any) -> Path:
     """Add `entries` to the "extra" of a compressed checkpoint's architecture.json (weights untouched)."""
-    path = Path(directory) / ARCHITECTURE_FILE
+    path = Path(directory) / run_files.ARCHITECTURE
     spec = _read_spec(path)
     spec["extra"] = {**(spec.get("extra") or {}), **entries}
     disk.write_text(path, json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def apply_architecture(backbone: DINOv3ViTModel, layers: list[dict[str, Any]],
-                       kept: list[int] | None = None) -> None:
-    """Give a full-size `backbone` the recorded depth (`kept`: original indices of the blocks left) and
-    per-layer shapes (weights are left to be loaded)."""
-    if kept is not None:
-        (_, encoder), = encoders(backbone)
-        keep_blocks(encoder, kept)
-    blocks = _blocks(backbone)
-    if len(blocks) != len(layers):
-        raise ValueError(f"spec describes {len(layers)} layers, the config builds {len(blocks)}")
-    for index, (block, layer) in enumerate(zip(blocks, layers, strict=True)):
-        num_heads, width = int(layer["num_heads"]), int(layer["mlp_width"])
-        full_heads, full_width = block.attention.num_heads, block.mlp.up_proj.out_features
-        if not (1 <= num_heads <= full_heads and 1 <= width <= full_width):
-            raise ValueError(f"layer {index}: {num_heads} heads / MLP width {width} exceed the config's")
-        if num_heads < block.attention.num_heads:
-            keep_attention_heads(block.attention, range(num_heads))
-        if width < block.mlp.up_proj.out_features:
-            keep_mlp_neurons(block.mlp, range(width))
-        for path, rank in layer["low_rank"].items():
-            parent_path, _, attr = path.rpartition(".")
-            parent = block.get_submodule(parent_path)
-            linear = getattr(parent, attr)
-            weight = linear.weight
-            setattr(
-                parent,
-                attr,
-                LowRankLinear(
-                    linear.in_features,
-                    linear.out_features,
-                    int(rank),
-                    bias=linear.bias is not None,
-                    device=weight.device,
-                    dtype=weight.dtype,
-                ),
-            )
+def apply_shapes(model: PCamClassifier, shapes: dict[str, Any]) -> None:
+    """Give a full-size `model` the recorded shape of every step (outer ones, such as blocks, first)."""
+    unknown = sorted(set(shapes) - set(STEPS))
+    if unknown:
+        raise ValueError(f"unknown compression steps {unknown}; this pcamx knows {', '.join(STEPS)}")
+    for name in sorted(shapes, key=lambda n: not STEPS[n].outer):
+        STEPS[name].reshape(model, shapes[name])
+
+
+def _v1_shapes(spec: dict[str, Any], model: PCamClassifier) -> dict[str, Any]:
+    """A format-1 spec (per-layer head counts, MLP widths and low-rank linears) as step shapes."""
+    blocks = spec.get("blocks")
+    # Removing blocks renumbers the ones left from 0: the first len(blocks) names of the full model.
+    layers = [name for name, m in model.named_modules() if isinstance(m, DINOv3ViTLayer)]
+    layers = layers[:len(blocks or spec["layers"])]
+    if len(layers) != len(spec["layers"]):
+        raise ValueError(f"spec describes {len(spec['layers'])} layers, the config builds {len(layers)}")
+    pairs = list(zip(layers, spec["layers"], strict=True))
+    return {"heads": {f"{n}.attention": int(s["num_heads"]) for n, s in pairs},
+            "mlp": {f"{n}.mlp": int(s["mlp_width"]) for n, s in pairs},
+            "svd": {f"{n}.{path}": int(rank) for n, s in pairs for path, rank in s["low_rank"].items()},
+            **({"blocks": {name: blocks for name, _ in STEPS["blocks"].groups(model)}} if blocks else {})}
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
@@ -136,11 +103,12 @@ def _read_spec(path: Path) -> dict[str, Any]:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
-    missing = [k for k in ("format", "backbone_config", "num_classes", "layers") if k not in spec]
+    missing = [k for k in ("format", "backbone_config", "num_classes") if k not in spec]
+    missing += [] if "shapes" in spec or "layers" in spec else ["shapes"]
     if missing:
         raise ValueError(f"{path} is missing {missing}; is it a pcamx compressed checkpoint?")
-    if spec["format"] != SPEC_FORMAT:
-        raise ValueError(f"{path} has spec format {spec['format']}, this version reads {SPEC_FORMAT}")
+    if spec["format"] not in (1, SPEC_FORMAT):
+        raise ValueError(f"{path} has spec format {spec['format']}; this pcamx reads formats 1 and {SPEC_FORMAT}")
     return spec
 
 
@@ -149,7 +117,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"compressed checkpoint directory not found: {directory}")
-    spec_path, weights_path = directory / ARCHITECTURE_FILE, directory / WEIGHTS_FILE
+    spec_path, weights_path = directory / run_files.ARCHITECTURE, directory / run_files.WEIGHTS
     for path in (spec_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"compressed checkpoint is missing {path}")
@@ -162,7 +130,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
 
     model = build_classifier(DINOv3ViTConfig.from_dict(spec["backbone_config"]), int(spec["num_classes"]))
     try:
-        apply_architecture(model.backbone, spec["layers"], spec.get("blocks"))
+        apply_shapes(model, spec["shapes"] if spec["format"] == SPEC_FORMAT else _v1_shapes(spec, model))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointMismatchError(
             f"{spec_path} does not describe a buildable architecture: {err}"

@@ -2,91 +2,27 @@
 
 The rank r is the fewest singular values whose squares reach a fraction τ of ‖W‖²_F (the energy rule
 shared with pruning). A layer is only factorized when that saves parameters: r · (in + out) < in · out.
-The row/column slicing used by pruning lives here too, because it must work on both kinds of linear:
-that is what lets the three methods run in any order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 
 from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
+from pcamx.compress.surgery import LowRankLinear
 
+if TYPE_CHECKING:
+    from pcamx.compress.chain import PrunePlan
+    from pcamx.compress.importance import CalibBatch
+
+# The linears of a DINOv3 block that can be factorized: what prune.svd_targets=all means.
 SVD_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-
-
-class LowRankLinear(nn.Module):
-    """`up(down(x))`: a rank-`rank` stand-in for an nn.Linear(in_features, out_features)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-def require_linear(module: nn.Module, where: str) -> nn.Linear | LowRankLinear:
-    # A PEFT/LoRA wrapper (or anything else) cannot be sliced row by row without knowing its internals.
-    if type(module) is not nn.Linear and not isinstance(module, LowRankLinear):
-        raise TypeError(
-            f"{where} is a {type(module).__name__}, expected nn.Linear or LowRankLinear "
-            "(merge LoRA adapters with merge_and_unload() before compressing)"
-        )
-    return module
-
-
-def dense_weight(module: nn.Linear | LowRankLinear) -> torch.Tensor:
-    """The (out × in) matrix the layer applies, in float64 (the product of the factors if low-rank)."""
-    if isinstance(module, LowRankLinear):
-        return module.up.weight.detach().to(torch.float64) @ module.down.weight.detach().to(torch.float64)
-    return module.weight.detach().to(torch.float64)
-
-
-def _sliced(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Parameter:
-    # A fresh Parameter (not a view) so the dropped entries are freed and no optimizer state is aliased.
-    index = index.to(param.device)
-    return nn.Parameter(param.detach().index_select(dim, index).clone(), requires_grad=param.requires_grad)
-
-
-def keep_output_rows(module: nn.Linear | LowRankLinear, rows: torch.Tensor) -> None:
-    """Shrink `module` in place to the output features `rows` (weight rows and bias entries)."""
-    if isinstance(module, LowRankLinear):
-        keep_output_rows(module.up, rows)
-    else:
-        module.weight = _sliced(module.weight, 0, rows)
-        if module.bias is not None:
-            module.bias = _sliced(module.bias, 0, rows)
-    module.out_features = rows.numel()
-
-
-def keep_input_columns(module: nn.Linear | LowRankLinear, columns: torch.Tensor) -> None:
-    """Shrink `module` in place to the input features `columns` (its bias is untouched)."""
-    if isinstance(module, LowRankLinear):
-        keep_input_columns(module.down, columns)
-    else:
-        module.weight = _sliced(module.weight, 1, columns)
-    module.in_features = columns.numel()
 
 
 def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
@@ -163,7 +99,7 @@ def factorize_linear(linear: nn.Linear, down: torch.Tensor, up: torch.Tensor) ->
     return low_rank
 
 
-def truncated_svd(model: nn.Module, tau: float, targets: str | Iterable[str] = SVD_TARGETS) -> list[dict]:
+def truncated_svd(model: nn.Module, tau: float, targets: str | Iterable[str]) -> list[dict]:
     """Factorize each targeted linear of every block at energy fraction `tau` where that saves parameters."""
     tau = validate_tau(tau)
     targets = resolve_targets(targets)
@@ -190,3 +126,37 @@ def truncated_svd(model: nn.Module, tau: float, targets: str | Iterable[str] = S
             }
         )
     return report
+
+
+class TruncatedSVD:
+    """Truncated SVD as a compression step (`chain.STEPS["svd"]`, see `units.Step`): its units are ranks."""
+
+    name = "svd"
+    outer = False
+
+    def compress(self, model: nn.Module, tau: float, plan: PrunePlan,
+                 calibration: Sequence[CalibBatch] | None) -> list[dict]:
+        return truncated_svd(model, tau, plan.svd_targets)
+
+    def units(self, model: nn.Module, plan: PrunePlan) -> int:
+        # A dense target counts its full rank, so a layer that falls back to dense is many units, not fewer.
+        dense = sum(min(lin.in_features, lin.out_features) for *_, lin in svd_candidates(model, plan.svd_targets))
+        return dense + sum(m.rank for m in model.modules() if isinstance(m, LowRankLinear))
+
+    def needs_calibration(self, criterion: str) -> bool:
+        return False
+
+    def shape(self, model: nn.Module) -> dict[str, int]:
+        return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+    def reshape(self, model: nn.Module, shape: Mapping[str, int]) -> None:
+        for name, rank in shape.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            dense = getattr(parent, attr)
+            setattr(parent, attr, LowRankLinear(dense.in_features, dense.out_features, int(rank),
+                                                bias=dense.bias is not None, device=dense.weight.device,
+                                                dtype=dense.weight.dtype))
+
+
+SVD = TruncatedSVD()

@@ -5,19 +5,28 @@ and says for a group how many units it has, their weight-only score, and the sur
 The data-aware criteria (`importance.py`) need one more fact per kind: which linear layers hold a unit's
 parameters, as output rows (`producers`) or input columns (`consumers`). Allocation (`allocate`) turns
 scores into kept indices, per group (`layer` scope) or ranked across groups (`global`), and `prune_units`
-applies it: importance, allocation and surgery stay apart, so a new kind is one entry here.
+applies it: importance, allocation and surgery stay apart.
+
+Every compression step (a UnitKind, or truncated SVD) is a `Step` to the rest of pcamx: the chain runs it, the
+budget search counts its units, and a compressed checkpoint records the shape it left and gives a freshly
+built model that shape again. So a new kind is its module, one `chain.STEPS` entry and its yaml.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
-from pcamx.compress.svd import LowRankLinear
+from pcamx.compress.importance import CalibBatch, unit_scores
+from pcamx.compress.surgery import LowRankLinear
+
+if TYPE_CHECKING:
+    from pcamx.compress.chain import PrunePlan
 
 SCOPES = ("layer", "global")
 
@@ -40,6 +49,61 @@ class UnitKind:
     # A kind scored by its own data-aware rule under every criterion: (model, pixel batches) → scores.
     own_scores: Callable[[nn.Module, list[torch.Tensor]], dict[str, torch.Tensor]] | None = None
     list_kept: bool = False  # report the kept indices (a few heads: yes; 1536 neurons per block: no)
+    # What a checkpoint records of a group, and how a full-size group is given that shape again. By default the
+    # unit count, re-applied by keeping the first units (the weights, loaded after, are already the kept ones).
+    record: Callable[[nn.Module], Any] | None = None
+    reapply: Callable[[nn.Module, Any], None] | None = None
+    outer: bool = False  # its groups hold other kinds' groups (blocks hold heads): re-applied first
+
+    def compress(self, model: nn.Module, tau: float, plan: PrunePlan,
+                 calibration: Sequence[CalibBatch] | None) -> list[dict]:
+        return prune_units(model, self, tau, unit_scores(model, self, plan.criterion, calibration), plan.scope)
+
+    def units(self, model: nn.Module, plan: PrunePlan) -> int:
+        return sum(self.size(group) for _, group in self.groups(model))
+
+    def needs_calibration(self, criterion: str) -> bool:
+        return self.own_scores is not None or criterion != "weight"
+
+    def shape(self, model: nn.Module) -> dict[str, Any]:
+        return {name: (self.record or self.size)(group) for name, group in self.groups(model)}
+
+    def reshape(self, model: nn.Module, shape: Mapping[str, Any]) -> None:
+        groups = dict(self.groups(model))
+        unknown = sorted(set(shape) - set(groups))
+        if unknown:
+            raise ValueError(f"no {self.name} groups named {unknown} in this architecture")
+        for name, value in shape.items():
+            if self.reapply is not None:
+                self.reapply(groups[name], value)
+            elif not 1 <= int(value) <= self.size(groups[name]):
+                raise ValueError(f"{name}: {value} {self.name} units, the architecture has "
+                                 f"{self.size(groups[name])}")
+            elif int(value) < self.size(groups[name]):
+                self.keep(groups[name], torch.arange(int(value)))
+
+
+class Step(Protocol):
+    """A compression step as the chain, the budget search and compressed checkpoints see it (`chain.STEPS`)."""
+
+    name: str
+    outer: bool
+
+    def compress(self, model: nn.Module, tau: float, plan: PrunePlan,
+                 calibration: Sequence[CalibBatch] | None) -> list[dict]:
+        """Compress `model` in place at energy fraction `tau`; one report row per layer."""
+
+    def units(self, model: nn.Module, plan: PrunePlan) -> int:
+        """How many units (heads, neurons, blocks, ranks) this step could still remove: the budget search's grain."""
+
+    def needs_calibration(self, criterion: str) -> bool:
+        """Whether the step scores on calibration batches under `criterion`."""
+
+    def shape(self, model: nn.Module) -> Any:
+        """A JSON-ready record of the shape this step leaves (group name → units)."""
+
+    def reshape(self, model: nn.Module, shape: Any) -> None:
+        """Give a freshly built, full-size model the recorded shape (its weights are loaded afterwards)."""
 
 
 def validate_scope(scope: str) -> str:

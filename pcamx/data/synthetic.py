@@ -34,7 +34,6 @@ from pcamx.runtime import disk
 from pcamx.runtime.locks import exclusive
 
 MARKER = "SYNTHETIC.json"
-DEFAULT_SIZES = {"train": 4096, "valid": 1024, "test": 1024}
 _SPLIT_OFFSET = {"train": 0, "valid": 1, "test": 2}
 _STROMA = torch.tensor([232.0, 170.0, 205.0])
 _NUCLEUS = torch.tensor([70.0, 35.0, 115.0])
@@ -126,9 +125,8 @@ def write_meta(path: Path, labels: np.ndarray, split: str, seed: int) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def write_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+def write_synthetic(root: str | Path, sizes: dict[str, int], seed: int) -> Path:
     """Write all nine files under `root` (atomically: a temp dir is renamed into place)."""
-    sizes = {**DEFAULT_SIZES, **(sizes or {})}
     root = Path(root)
     with disk.atomic_dir(root) as tmp:
         for split in SPLITS:
@@ -151,11 +149,10 @@ def _matches(root: Path, sizes: dict[str, int], seed: int) -> bool:
     return (spec.get("version"), spec.get("seed"), spec.get("sizes")) == (GENERATOR_VERSION, seed, sizes)
 
 
-def ensure_synthetic(root: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+def ensure_synthetic(root: str | Path, sizes: dict[str, int], seed: int) -> Path:
     """Generate on first use; reuse a cached directory made with the same sizes and seed. Concurrent runs
     that ask for the same directory generate it once: the others wait for it and use it."""
     root = Path(root).expanduser()
-    sizes = {**DEFAULT_SIZES, **(sizes or {})}
     if _matches(root, sizes, seed):
         return root
     with exclusive(root.parent / f".{root.name}.lock", f"generating {root}"):
@@ -169,14 +166,17 @@ def is_synthetic(root: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pcamx.config import conf_defaults  # the default sizes and seed are data=synthetic's
+
+    defaults = conf_defaults("data", "synthetic")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--region", help="instead: write a synthetic region (PNG) of --grid patches, a tumour "
                                          "ellipse among normal tissue, for `pcamx.predict --region`")
     parser.add_argument("--grid", default="8x12", help="--region: ROWSxCOLS patches of 96 px")
     for split in SPLITS:
-        parser.add_argument(f"--n-{split}", type=int, default=DEFAULT_SIZES[split], help=f"{split} patches")
+        parser.add_argument(f"--n-{split}", type=int, default=defaults[f"n_{split}"], help=f"{split} patches")
     args = parser.parse_args(argv)
     if args.region:
         from PIL import Image

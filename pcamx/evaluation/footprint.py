@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from ptflops import get_model_complexity_info
 from torch import nn
 
-from pcamx.runtime.hardware import sync
+from pcamx.runtime.hardware import autocast
+from pcamx.runtime.timing import measure
 
 
 def count_params(model: nn.Module) -> int:
@@ -117,48 +115,40 @@ def _eval_mode(model: nn.Module):
             m.training = training
 
 
-def median_ms(step: Callable[[], Any], iters: int = 50, warmup: int = 10,
-              device: torch.device | None = None) -> float:
-    """Median wall-clock milliseconds of `step()` over `iters` calls after `warmup` untimed ones. With a
-    `device`, both ends of each call are synchronised so a sample covers exactly that call's kernels."""
-    if iters < 1:
-        raise ValueError("iters must be >= 1")
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device is not None:
-            sync(device)
-        start = time.perf_counter()
-        step()
-        if device is not None:
-            sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def latency_ms(model: nn.Module, example_batch: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
     """Median wall-clock milliseconds of one eval-mode forward on `example_batch`."""
-    if iters < 1:
-        raise ValueError("iters must be >= 1")
     x = _prepare(model, example_batch)
     with _eval_mode(model), torch.inference_mode():
-        return median_ms(lambda: model(x), iters, warmup, x.device)
+        return measure(lambda: model(x), device=x.device, warmup=warmup, samples=iters, calls=1).median_ms
 
 
 def throughput_ips(model: nn.Module, batch: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
-    """Images per second over `iters` back-to-back eval-mode forwards of `batch`."""
-    if iters < 1:
-        raise ValueError("iters must be >= 1")
+    """Images per second over `iters` back-to-back eval-mode forwards of `batch` (no sync between them, so
+    queued kernels overlap as in evaluation)."""
     x = _prepare(model, batch)
     with _eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        sync(x.device)
-        start = time.perf_counter()
-        # No per-iteration sync: throughput should include the overlap of queued kernels.
-        for _ in range(iters):
-            model(x)
-        sync(x.device)
-        elapsed = time.perf_counter() - start
-    return x.shape[0] * iters / elapsed
+        timed = measure(lambda: model(x), device=x.device, warmup=warmup, calls=iters)
+    return x.shape[0] * iters / timed.seconds[0]
+
+
+def cost(model: torch.nn.Module, resolution: int) -> dict[str, float]:
+    """What a budget limits: parameters and forward GFLOPs at the run's resolution."""
+    return {"params": count_params(model), "gflops": gflops(model, resolution, device=next(model.parameters()).device)}
+
+
+def footprint(model: torch.nn.Module, resolution: int) -> dict[str, float]:
+    figures = cost(model, resolution)
+    return {"params": figures["params"], "gflops": round(figures["gflops"], 4), "memory_mb": round(memory_mb(model), 4)}
+
+
+def speed(model: torch.nn.Module, cfg: DictConfig, device: torch.device, precision: str) -> dict[str, float]:
+    """Latency at batch 1 and throughput at the eval batch size, model forward only, after warm-up."""
+    if not cfg.eval.measure_speed:
+        return {}
+    res, warmup, iters = cfg.data.resolution, cfg.eval.speed_warmup, cfg.eval.speed_iters
+    with autocast(device, precision):
+        return {
+            "latency_ms_b1": round(latency_ms(model, torch.randn(1, 3, res, res, device=device), warmup, iters), 4),
+            "throughput_ips": round(throughput_ips(
+                model, torch.randn(cfg.data.eval_batch_size, 3, res, res, device=device), warmup, iters), 2),
+        }

@@ -25,9 +25,8 @@ from pcamx.checkpoint import (
 from pcamx.compress.quant import QUANT_MODES, quantize
 from pcamx.data.transforms import check_tta_views
 from pcamx.model import PCamClassifier
+from pcamx.runtime import run_files
 from pcamx.runtime.hardware import check_precision
-
-RUN_CONFIG = "resolved_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -89,12 +88,12 @@ def stored_settings(source: Mapping[str, Any]) -> tuple[InferenceSettings, dict[
     if source.get(INFERENCE_KEY):
         return InferenceSettings.from_dict(source[INFERENCE_KEY]), points
     path = Path(source["path"])
-    run_config = path.parent / RUN_CONFIG
+    run_config = path.parent / run_files.RESOLVED_CONFIG
     if not run_config.is_file():
         raise CheckpointError(
             f"{path} does not record the resolution and TTA views it was trained and tested with, and no "
-            f"{RUN_CONFIG} lies beside it in {run_config.parent}; copy the run's {RUN_CONFIG} there, or "
-            "give the settings yourself (--resolution, --tta-views)"
+            f"{run_files.RESOLVED_CONFIG} lies beside it in {run_config.parent}; copy the run's "
+            f"{run_files.RESOLVED_CONFIG} there, or give the settings yourself (--resolution, --tta-views)"
         )
     try:
         config = yaml.safe_load(run_config.read_text())

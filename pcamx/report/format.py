@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pcamx.compress.quant import EvalPrecision
 from pcamx.evaluation.metrics import METRICS
 
 FOOTPRINT_COLUMNS: tuple[tuple[str, str], ...] = (("params", "Parameters"), ("gflops", "GFLOPs"),
@@ -73,11 +74,35 @@ def format_cell(key: str, value: Any, pct: float | None = None) -> str:
 
 
 def quantization_label(quant: str | None, eval_precision: str | None) -> str:
-    """`none (f32)`, `none (bf16 autocast)`, `bf16`, `int8 (dynamic)`, … as in the reference table."""
+    """The Quantization column: `EvalPrecision.label` (`none (f32)`, `int8 (dynamic)`, …); for a run that never
+    evaluated, what its config asked for."""
     if quant is None:
         return "—"
-    if quant == "none":
-        return "none (f32)" if eval_precision in (None, "fp32") else f"none ({eval_precision.replace('-', ' ')})"
-    if eval_precision and eval_precision.startswith(f"{quant}-"):
-        return f"{quant} ({eval_precision.removeprefix(quant + '-')})"
-    return quant
+    if eval_precision in set(EvalPrecision):
+        return EvalPrecision(eval_precision).label
+    return EvalPrecision.FP32.label if quant == "none" else quant
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The table a run prints at its end: every metric of the registry with its 95% interval, then footprint,
+    speed and how it was measured."""
+    ci = metrics.get("ci95") or {}
+    how = {"slide": f"{metrics.get('ci_slides')} slides resampled", "patch": "patches resampled"}
+    rows = [f"| metric | value | 95% interval ({how.get(metrics.get('ci_method'), 'none')}) |", "| --- | --- | --- |"]
+    rows += [f"| {m.header} | {format_value(m.name, metrics.get(m.name))} | {format_interval(m.name, ci.get(m.name))} |"
+             for m in METRICS]
+    for key in ("params", "gflops", "memory_mb", "latency_ms_b1", "throughput_ips", "n_test", "tta_views",
+                "resolution", "train_precision", "eval_precision", "data"):
+        value = metrics.get(key)
+        shown = format_value(key, value) if key in ("params", "gflops", "memory_mb") else value
+        rows.append(f"| {key} | {shown} | |")
+    if "operating_points" in metrics:
+        t = metrics["operating_points"]["thresholds"]["val95spec"]
+        rows.append(f"| Sens / Spec at the val95spec threshold (chosen on valid) | "
+                    f"{metrics['sens_at_val95spec_threshold']:.4f} / {metrics['spec_at_val95spec_threshold']:.4f} | "
+                    f"p >= {t:.4g} |")
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        rows.append(f"| temperature (fitted on valid) | {c['temperature']:.4g} | ECE {c['before']['ece']:.4f} → "
+                    f"{c['after']['ece']:.4f}, NLL {c['before']['nll']:.4f} → {c['after']['nll']:.4f} |")
+    return "\n".join(rows)

@@ -36,7 +36,6 @@ from pcamx.report.sweep import (  # noqa: E402
 )
 from pcamx.runtime import disk  # noqa: E402
 
-FRONTIER_FILE = "frontier.png"
 UNCOMPRESSED = "uncompressed"
 MARKERS = "osD^vP<>Xph*"
 ANNOTATE_AT_MOST = 24  # points; beyond that the τ labels would hide the figure

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pcamx.compress.quant import EvalPrecision
 from pcamx.evaluation.metrics import METRIC_NAMES
 from pcamx.report.format import VALUE_COLUMNS, format_change, format_interval, format_value, percent_change
 from pcamx.report.sweep import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, format_budget, md_escape, shorten
@@ -28,8 +29,6 @@ COMPRESSED_LABELS = {"fullft": "Full FT", "lora": "LoRA", "head_only": "Head-onl
 STEP_LABELS = {"heads": "heads", "mlp": "MLP", "svd": "SVD", "blocks": "blocks"}
 ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP = {"up_proj", "down_proj"}
-# Order of a model's rows: unquantized at f32, under autocast, then the quantized ones.
-PRECISION_ORDER = ("fp32", "bf16-autocast", "bf16", "int8-weight-only", "int8-dynamic")
 
 
 class BaselineError(ValueError):
@@ -83,8 +82,9 @@ def method_label(run: RunRecord, seen_plans: set) -> str:
 
 
 def _precision_rank(run: RunRecord) -> int:
-    p = run.eval_precision
-    return PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER)
+    # A model's rows: unquantized at f32, under autocast, then the quantized ones (EvalPrecision's order).
+    order = list(EvalPrecision)
+    return order.index(run.eval_precision) if run.eval_precision in order else len(order)
 
 
 def _group_key(run: RunRecord) -> tuple:

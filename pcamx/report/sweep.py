@@ -51,12 +51,11 @@ from pcamx.report.format import (  # noqa: E402
     quantization_label,
 )
 from pcamx.report.run_outputs import plot_reliability  # noqa: E402
-from pcamx.runtime import disk  # noqa: E402
+from pcamx.runtime import (
+    disk,  # noqa: E402
+    run_files,  # noqa: E402
+)
 
-METRICS_FILE = "metrics.json"
-OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-CONFIG_FILE = Path(".hydra") / "config.yaml"
-PREDICTIONS_FILE = "predictions.csv"
 PRUNE_STEPS = ("heads", "mlp", "svd")  # method=all's chain when neither metrics.json nor the config names one
 BUDGET_KEYS = ("target_ratio", "target_gflops", "target_params")
 DEFAULT_CRITERION, DEFAULT_SCOPE = "weight", "layer"
@@ -178,12 +177,12 @@ def _natural_key(parts: Iterable[str]) -> tuple:
 
 
 def _find_run_dirs(root: Path) -> list[Path]:
-    if (root / METRICS_FILE).is_file() or (root / OVERRIDES_FILE).is_file():
+    if (root / run_files.METRICS).is_file() or (root / run_files.HYDRA_OVERRIDES).is_file():
         return [root]
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        if METRICS_FILE in filenames or (here / OVERRIDES_FILE).is_file():
+        if run_files.METRICS in filenames or (here / run_files.HYDRA_OVERRIDES).is_file():
             found.append(here)
             dirnames.clear()  # a run's own subfolders (wandb, checkpoints) are not runs
         else:
@@ -205,12 +204,12 @@ def _load_yaml(path: Path) -> Any:
 
 def read_run(run_dir: Path, job: str) -> RunRecord:
     """The record of one run directory; never raises for a broken run, it becomes failed or missing."""
-    overrides = _load_yaml(run_dir / OVERRIDES_FILE) if (run_dir / OVERRIDES_FILE).is_file() else None
-    config = _load_yaml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else None
+    overrides = _load_yaml(run_dir / run_files.HYDRA_OVERRIDES)
+    config = _load_yaml(run_dir / run_files.HYDRA_CONFIG)
     record = RunRecord(run_dir=run_dir, job=job, status="missing",
                        overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
                        config=config if isinstance(config, dict) else {})
-    path = run_dir / METRICS_FILE
+    path = run_dir / run_files.METRICS
     if not path.is_file():
         record.error = "no metrics.json (killed, timed out or still running)"
         return record
@@ -577,7 +576,7 @@ def run_predictions(runs: Sequence[RunRecord]) -> list[tuple[str, np.ndarray, np
             if _varying([r.override_map.get(k) for r in runs])]
     out = []
     for run in runs:
-        pred = run.run_dir / PREDICTIONS_FILE
+        pred = run.run_dir / run_files.PREDICTIONS
         if not run.ok or not pred.is_file():
             continue
         try:
@@ -629,11 +628,11 @@ def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "
     style: "default" (every run, changes against each run's own uncompressed model) or "reference" (the
     reference table's layout, changes against one `baseline` run; see pcamx.report.reference_table).
     ci: each metric with its 95% interval in summary.md; None = the style's default (on for reference)."""
-    from pcamx.report.frontier import FRONTIER_FILE, plot_frontier
+    from pcamx.report.frontier import plot_frontier
     from pcamx.report.reference_table import pick_baseline, reference_table
 
     out_dir = Path(out_dir)
-    if (out_dir / METRICS_FILE).is_file():
+    if (out_dir / run_files.METRICS).is_file():
         # A run directory has its own roc.png; the sweep figure must not replace it.
         raise ValueError(f"{out_dir} is a run directory; write the sweep summary elsewhere (--out)")
     if style not in STYLES:
@@ -645,17 +644,17 @@ def write_summary(runs: Sequence[RunRecord], out_dir: str | Path, style: str = "
     else:
         md = markdown_table(runs, ci=bool(ci))
     paths = {
-        "csv": disk.write_text(out_dir / "summary.csv", csv_text(runs)),
-        "md": disk.write_text(out_dir / "summary.md", md),
-        "roc": plot_sweep_roc(runs, out_dir / "roc.png"),
-        "calibration": plot_reliability(out_dir / "calibration.png", run_predictions(runs),
+        "csv": disk.write_text(out_dir / run_files.SUMMARY_CSV, csv_text(runs)),
+        "md": disk.write_text(out_dir / run_files.SUMMARY_MD, md),
+        "roc": plot_sweep_roc(runs, out_dir / run_files.ROC),
+        "calibration": plot_reliability(out_dir / run_files.CALIBRATION, run_predictions(runs),
                                         _sweep_title(runs, "Sweep reliability")),
     }
-    frontier = plot_frontier(runs, out_dir / FRONTIER_FILE)
+    frontier = plot_frontier(runs, out_dir / run_files.FRONTIER)
     if frontier is not None:
         paths["frontier"] = frontier
     else:
-        (out_dir / FRONTIER_FILE).unlink(missing_ok=True)  # an earlier table's figure would not match this one
+        (out_dir / run_files.FRONTIER).unlink(missing_ok=True)  # an earlier table's figure would not match this one
     return paths
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
+from omegaconf import DictConfig
+
+log = logging.getLogger("pcamx")
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16")
@@ -73,7 +80,20 @@ def setup_threads(hw_cfg: Mapping[str, Any]) -> None:
         torch.set_num_threads(int(threads))
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a wall-clock timer measures it (a no-op off CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def effective_precisions(cfg: DictConfig, device: torch.device) -> DictConfig:
+    """A copy of `cfg` whose train.precision / eval.precision say what will actually run on `device`
+    (hardware=auto turns bf16 into fp32 off CUDA); a precision the device cannot run is an error."""
+    cfg = copy.deepcopy(cfg)
+    for key in ("train", "eval"):
+        asked = cfg[key].precision
+        cfg[key].precision = resolve_precision(asked, f"{key}.precision", device, cfg.hardware.device)
+        if cfg[key].precision != asked:
+            log.info("%s.precision: %s asked, %s on %s (hardware=auto uses bf16 on CUDA only)",
+                     key, asked, cfg[key].precision, device)
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

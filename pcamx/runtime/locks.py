@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pcamx.runtime import disk, run_files
+
 log = logging.getLogger("pcamx")
-RUN_LOCK = ".pcamx.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -127,7 +128,7 @@ class RunDirBusy(LockBusy):
 
 def claim_run_dir(run_dir: Path) -> FileLock:
     """Own `run_dir` for this run's life, or fail at once if a live run owns it."""
-    lock = FileLock(run_dir / RUN_LOCK)
+    lock = FileLock(run_dir / run_files.LOCK)
     try:
         previous = lock.acquire(wait=False)
     except LockBusy as err:
@@ -154,3 +155,27 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def snapshot_hydra_files(directory: Path) -> dict[Path, bytes]:
+    """The .hydra/ files of a run directory as they are now (see `restore_hydra_files`)."""
+    return {p: p.read_bytes() for p in directory.glob("*.yaml")} if directory.is_dir() else {}
+
+
+def restore_hydra_files(directory: Path, files: dict[Path, bytes]) -> None:
+    """Put back this run's .hydra/ files if a run refused entry meanwhile overwrote them (Hydra writes them
+    before the refused run reaches its lock)."""
+    for path, content in files.items():
+        if not path.is_file() or path.read_bytes() != content:
+            disk.write_text(path, content.decode())
+
+
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """`run_dir`, or Hydra's output directory for this job; created if it does not exist."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

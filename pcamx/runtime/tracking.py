@@ -45,3 +45,18 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def hydra_names() -> dict[str, str]:
+    """In a sweep: W&B group = the sweep directory, run name = the job's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    name = hydra_cfg.job.override_dirname or hydra_cfg.job.name
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {"name": name}
+    sweep = Path(hydra_cfg.sweep.dir)
+    return {"name": name, "group": f"{sweep.parent.name}/{sweep.name}"}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, RESUME_FILE, save_checkpoint
+from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, save_checkpoint
 from pcamx.data.device_loader import to_device
 from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import ColorJitter, preprocess
@@ -29,7 +29,7 @@ from pcamx.evaluation.metrics import METRIC_ALIASES, binary_metrics, improves
 from pcamx.evaluation.operating_points import operating_points, threshold_metrics, thresholds_of
 from pcamx.inference.settings import InferenceSettings
 from pcamx.model import PCamClassifier
-from pcamx.runtime import interrupts
+from pcamx.runtime import interrupts, run_files
 from pcamx.runtime.hardware import autocast
 from pcamx.runtime.interrupts import RunInterrupted
 from pcamx.runtime.tracking import Tracker
@@ -277,7 +277,7 @@ def train(
     if keep and (state := resume.load_state(session.run_dir, cfg["resume"], settings)) is not None:
         loop.restore(model, state)
         log.info("resumed from step %d of %d (epoch %d of %d) in %s", loop.step, total_steps,
-                 loop.step // steps_per_epoch + 1, session.epochs, session.run_dir / RESUME_FILE)
+                 loop.step // steps_per_epoch + 1, session.epochs, session.run_dir / run_files.RESUME)
     log.info("%s: %d steps (%d epochs x %d), batch %d, %s", session.name, total_steps, session.epochs,
              steps_per_epoch, dcfg["batch_size"], tcfg["precision"])
     if session.distill is not None:
@@ -331,7 +331,7 @@ def train(
                         payload = checkpoint_payload(model, cfg, loop.step, val)
                         loop.best_state = payload["model"]
                         if keep and tcfg["save_best"]:
-                            save_checkpoint(payload, session.run_dir / "best.pt")
+                            save_checkpoint(payload, session.run_dir / run_files.BEST)
                     loop.result.last_val = val
                 if keep and (end_of_epoch or (tcfg["checkpoint_every"] and loop.step % tcfg["checkpoint_every"] == 0)):
                     save_resume_state()
@@ -347,7 +347,8 @@ def train(
     merge_lora(model)
     if keep and tcfg["save_last"] and loop.step:
         check_finite_weights(model, loop.step)
-        save_checkpoint(checkpoint_payload(model, cfg, loop.step, loop.result.last_val), session.run_dir / "last.pt")
+        last = checkpoint_payload(model, cfg, loop.step, loop.result.last_val)
+        save_checkpoint(last, session.run_dir / run_files.LAST)
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     return loop.result

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pcamx.checkpoint import RESUME_FILE, read_checkpoint, save_checkpoint
+from pcamx.checkpoint import read_checkpoint, save_checkpoint
+from pcamx.runtime import run_files
 
 log = logging.getLogger("pcamx")
 
@@ -53,7 +54,7 @@ def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     missing = object()
-    return [f"{key}: {saved.get(key, '(not set)')!r} in {RESUME_FILE} → {now.get(key, '(not set)')!r} now"
+    return [f"{key}: {saved.get(key, '(not set)')!r} in {run_files.RESUME} → {now.get(key, '(not set)')!r} now"
             for key in sorted(set(saved) | set(now)) if saved.get(key, missing) != now.get(key, missing)]
 
 
@@ -76,7 +77,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_state(run_dir: Path, state: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
     """Write resume.pt (verified on load) with the RNG states and the settings fingerprint."""
-    return save_checkpoint({**state, "rng": get_rng_state(), "fingerprint": dict(settings)}, run_dir / RESUME_FILE)
+    return save_checkpoint({**state, "rng": get_rng_state(), "fingerprint": dict(settings)}, run_dir / run_files.RESUME)
 
 
 def load_state(run_dir: Path, resume: str | bool, settings: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -86,7 +87,7 @@ def load_state(run_dir: Path, resume: str | bool, settings: Mapping[str, Any]) -
     directory is reused: a Slurm job requeued after preemption or timeout, or a run started again with the
     same hydra.run.dir. resume=true insists on it; resume=false starts over. Either way a resume.pt made with
     other training settings is refused (ResumeMismatchError), naming the settings that differ."""
-    path = run_dir / RESUME_FILE
+    path = run_dir / run_files.RESUME
     if resume is False or resume == "false":
         return None
     if not path.is_file():
