@@ -14,17 +14,14 @@ schema; run.py and the tests import it before composing.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from pcamx.compress.chain import METHODS as PRUNE_METHODS
 from pcamx.compress.chain import STEPS
@@ -35,6 +32,7 @@ from pcamx.data import DATASETS
 from pcamx.evaluation.metrics import SELECT_METRICS
 from pcamx.evaluation.uncertainty import CALIBRATIONS
 from pcamx.model import ARCHITECTURES
+from pcamx.runtime.conf import CONF_DIR, conf_defaults  # noqa: F401  (conf_defaults: part of the config API)
 from pcamx.runtime.hardware import DEVICES, PRECISIONS
 from pcamx.training.methods import METHODS, NORMS_BIAS, MethodConfig
 
@@ -218,7 +216,6 @@ OPTION_SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose(*overrides: str, hydra_config: bool = False) -> DictConfig:
@@ -230,19 +227,6 @@ def compose(*overrides: str, hydra_config: bool = False) -> DictConfig:
         raise FileNotFoundError(f"{CONF_DIR} not found: run from a pcamx checkout (the configs live in conf/)")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
-
-
-@functools.cache
-def _conf_defaults(group: str, option: str) -> dict[str, Any]:
-    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
-    node.pop("defaults", None)
-    return node
-
-
-def conf_defaults(group: str, option: str = "none") -> dict[str, Any]:
-    """The keys of conf/<group>/<option>.yaml (for prune: `none`, which every prune option builds on): where the
-    Python API and readers of old records take a default, so that conf/ stays the one place that gives it."""
-    return copy.deepcopy(_conf_defaults(group, option))
 
 
 def register() -> None:

@@ -15,6 +15,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 import pcamx.config
+from pcamx.runtime.conf import conf_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -62,7 +63,7 @@ def prune_plan(method: str, tau=None, **keys):
     """compress.chain.plan with conf/prune's defaults for every key not given, as a composed run has them."""
     from pcamx.compress.chain import plan
 
-    settings = {**pcamx.config.conf_defaults("prune"), **keys}
+    settings = {**conf_defaults("prune"), **keys}
     del settings["method"], settings["tau"]
     return plan(method, tau, **settings)
 

@@ -10,7 +10,8 @@ from test_report import PNG_MAGIC, REFERENCE, make_run, metrics, read_csv, table
 
 from pcamx.report.frontier import frontier_data
 from pcamx.report.reference_table import method_label
-from pcamx.report.sweep import collect_runs, format_pruning, pareto_optimal, summarize
+from pcamx.report.runs import collect_runs, format_pruning, pareto_optimal
+from pcamx.report.summary import summarize
 from pcamx.runtime import run_files
 
 STEPS = ["heads", "mlp", "svd"]
@@ -177,7 +178,7 @@ def test_csv_has_the_compression_plan_of_every_form(tmp_path: Path) -> None:
 def test_reference_layout_labels_the_new_forms() -> None:
     class Run:  # what method_label reads of a RunRecord
         def __init__(self, prune: dict) -> None:
-            from pcamx.report.sweep import prune_summary
+            from pcamx.report.runs import prune_summary
 
             self.method, self.compressed_model, self.plan = "fullft", True, prune_summary(prune)
 

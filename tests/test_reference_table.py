@@ -12,7 +12,7 @@ import pytest
 from pcamx.report.__main__ import main as cli
 from pcamx.report.format import format_change, format_value, percent_change
 from pcamx.report.reference_table import lora_label
-from pcamx.report.sweep import collect_runs
+from pcamx.report.runs import collect_runs
 
 # The published table (../shared/REFERENCE.md), verbatim.
 PUBLISHED = """\

@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from pcamx.report import callback as callback_module
 from pcamx.report.__main__ import main as cli
 from pcamx.report.callback import SweepSummaryCallback, log_to_wandb
-from pcamx.report.sweep import collect_runs, format_cell, format_pruning, summarize, write_summary
+from pcamx.report.format import format_cell
+from pcamx.report.runs import collect_runs, format_pruning
+from pcamx.report.summary import summarize, write_summary
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from pcamx.model import build_model
 from pcamx.pipeline import effective_precisions
 from pcamx.report.__main__ import main as report
 from pcamx.report.format import format_change, format_value, percent_change
-from pcamx.report.sweep import collect_runs
+from pcamx.report.runs import collect_runs
 from pcamx.training.methods import apply_method
 from pcamx.training.optim import warmup_cosine
 

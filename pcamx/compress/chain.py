@@ -24,6 +24,7 @@ from pcamx.compress.importance import CalibBatch, validate_criterion
 from pcamx.compress.mlp import MLP
 from pcamx.compress.svd import SVD, resolve_targets
 from pcamx.compress.units import Step, validate_scope
+from pcamx.runtime.conf import conf_defaults
 
 STEPS: dict[str, Step] = {"heads": HEADS, "mlp": MLP, "svd": SVD, "blocks": BLOCKS}
 METHODS = ("none", *STEPS, "all")  # prune.method: one step, or `all` for prune.order's chain
@@ -174,8 +175,6 @@ def compress(model: nn.Module, method: str, tau: float | Mapping[str, float] | N
     report. `settings` are prune keys (order, svd_targets, criterion, scope); the rest are conf/prune's
     defaults. Data-aware criteria and the blocks step score on `calibration` batches. Everything is validated
     before the model is touched, so a bad argument leaves it intact. Budgets: `budget.compress_to_budget`."""
-    from pcamx.config import conf_defaults  # the defaults live in conf/, read when this API is used
-
     given = {**conf_defaults("prune"), "calib_batches": len(calibration or ()), **settings}
     given.pop("method"), given.pop("tau")
     return run_plan(model, plan(method, tau, **given), calibration)

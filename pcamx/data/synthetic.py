@@ -31,6 +31,7 @@ from pcamx.data.layout import (
     meta_file_name,
 )
 from pcamx.runtime import disk
+from pcamx.runtime.conf import conf_defaults
 from pcamx.runtime.locks import exclusive
 
 MARKER = "SYNTHETIC.json"
@@ -166,8 +167,6 @@ def is_synthetic(root: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pcamx.config import conf_defaults  # the default sizes and seed are data=synthetic's
-
     defaults = conf_defaults("data", "synthetic")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="output directory")

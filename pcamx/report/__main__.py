@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pcamx.report.sweep import STYLES, any_failed, summarize
+from pcamx.report.runs import any_failed
+from pcamx.report.summary import STYLES, summarize
 
 
 def main(argv: Sequence[str] | None = None) -> int:

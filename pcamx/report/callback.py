@@ -18,7 +18,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pcamx.report.sweep import RunRecord, any_failed, csv_rows, summarize
+from pcamx.report.runs import RunRecord, any_failed
+from pcamx.report.summary import summarize
+from pcamx.report.sweep import csv_rows
 from pcamx.runtime.tracking import Tracker
 
 log = logging.getLogger("pcamx")

@@ -26,13 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pcamx.report.format import is_number  # noqa: E402
-from pcamx.report.sweep import (  # noqa: E402
+from pcamx.report.runs import (  # noqa: E402
     RunRecord,
-    _sweep_title,
     format_pruning,
     group_by_seed,
     pareto_rows,
     row_point,
+    sweep_title,
 )
 from pcamx.runtime import disk  # noqa: E402
 
@@ -139,7 +139,7 @@ def frontier_data(runs: Sequence[RunRecord]) -> Frontier | None:
         series=tuple(Series(label, tuple(sorted(points, key=lambda p: (p.gflops, p.auroc))))
                      for label, points in series.items()),
         uncompressed=_uncompressed([r for row, _, _ in plotted for r in row]),
-        title=_sweep_title(runs, what))
+        title=sweep_title(runs, what))
 
 
 def _errorbars(ax, points: Sequence[Point], color) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from pcamx.compress.quant import EvalPrecision
 from pcamx.evaluation.metrics import METRIC_NAMES
 from pcamx.report.format import VALUE_COLUMNS, format_change, format_interval, format_value, percent_change
-from pcamx.report.sweep import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, format_budget, md_escape, shorten
+from pcamx.report.runs import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, format_budget, md_escape, shorten
 
 COLUMNS = ("Method", "Quantization", *(header for _, header in VALUE_COLUMNS))
 ALIGN = ("---", "---", "---", *("---:",) * (len(VALUE_COLUMNS) - 1))
