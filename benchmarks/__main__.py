@@ -1,4 +1,4 @@
-"""`python -m benchmarks`: see pcamx/bench/__init__.py and docs/benchmarks.md."""
+"""`python -m benchmarks`: see benchmarks/__init__.py and docs/benchmarks.md."""
 
 from benchmarks.cli import main
 

@@ -42,7 +42,8 @@ from pcamx.data.synthetic import generate_split
 from pcamx.data.transforms import TTA_VIEWS, check_tta_views, tta_views
 from pcamx.evaluation.evaluate import predict_batch
 from pcamx.inference.inputs import batches, discover
-from pcamx.inference.settings import settings_with
+from pcamx.inference.scoring import threshold_note
+from pcamx.inference.settings import InferenceSettings, settings_with
 from pcamx.runtime import disk
 from pcamx.runtime.timing import measure
 
@@ -248,11 +249,9 @@ def _thresholds(points: Mapping[str, Any] | None, resolution: int, views: int) -
     """The operating points' metadata; a warning when they were chosen with other inference settings."""
     if not points:
         return {}
-    measured = points.get("measured_with") or {}
-    if measured.get("tta_views", views) != views or measured.get("resolution", resolution) != resolution:
-        log.warning("the stored thresholds were chosen on probabilities made with %s TTA views at %s px; this "
-                    "export uses %d view(s) at %d px, so they may not hold for it", measured.get("tta_views"),
-                    measured.get("resolution"), views, resolution)
+    note = threshold_note(points, InferenceSettings(resolution, views))
+    if note:
+        log.warning(note.replace("--quant / --precision", "settings (the export runs in fp32)"))
     return {"pcamx.thresholds": points.get("thresholds") or {}, "pcamx.operating_points": points}
 
 

@@ -13,103 +13,25 @@ skipped inputs).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
-from tqdm import tqdm
 
 from pcamx.checkpoint import CheckpointError
 from pcamx.compress.quant import QUANT_MODES
 from pcamx.data.transforms import TTA_VIEWS
-from pcamx.evaluation.evaluate import predict_batch
 from pcamx.evaluation.operating_points import THRESHOLD_RULES, resolve_threshold
-from pcamx.inference.inputs import Batch, InputError, Skipped, batches, discover
+from pcamx.inference.inputs import InputError, Skipped, batches, discover
 from pcamx.inference.region import TileGrid, read_region, tile_batches
-from pcamx.inference.settings import InferenceSettings, LoadedModel, load_for_inference
+from pcamx.inference.scoring import SYNTHETIC_NOTE, predict_all, threshold_note, trained_on, write_csv
+from pcamx.inference.settings import LoadedModel, load_for_inference
 from pcamx.report.heatmap import plot_heatmap
-from pcamx.runtime import disk, run_files
+from pcamx.runtime import disk
 from pcamx.runtime.hardware import DEVICES, PRECISIONS, resolve_device
 
 log = logging.getLogger("pcamx")
 DEFAULT_BATCH = 64
-SYNTHETIC_NOTE = "model trained on the synthetic stand-in, not PCam"
-
-
-@dataclass
-class Predictions:
-    sources: list[str]
-    indices: list[int]
-    probs: np.ndarray
-
-
-def predict_all(loaded: LoadedModel, stream: Iterable[Batch], total: int | None = None,
-                desc: str = "predict") -> Predictions:
-    """P(tumour) of every patch in `stream`, in order, as the loaded model's settings say."""
-    s = loaded.settings
-    sources: list[str] = []
-    indices: list[int] = []
-    probs = []
-    with tqdm(total=total, desc=desc, unit="patch", disable=None, leave=False) as bar:
-        for batch in stream:
-            images = batch.images.to(loaded.device, non_blocking=True)
-            probs.append(predict_batch(loaded.model, images, s.resolution, s.tta_views, s.precision))
-            sources += batch.sources
-            indices += batch.indices
-            bar.update(len(batch.indices))
-    p = torch.cat(probs).cpu().double().numpy() if probs else np.empty(0)
-    if not np.isfinite(p).all():
-        raise RuntimeError(f"the model predicted NaN/inf for {int((~np.isfinite(p)).sum())} patches; the "
-                           "checkpoint's weights are not usable at these settings (try --quant none --precision fp32)")
-    return Predictions(sources, indices, p)
-
-
-def write_csv(path: Path, preds: Predictions, threshold: float, extra: dict[str, Sequence[Any]] | None = None) -> Path:
-    """source,index[,extra columns],prob,pred: one row per patch; pred = prob >= threshold."""
-    extra = extra or {}
-    lines = [",".join(["source", "index", *extra, "prob", "pred"])]
-    columns = list(extra.values())
-    for k, (source, index, p) in enumerate(zip(preds.sources, preds.indices, preds.probs, strict=True)):
-        cells = [_csv_cell(source), str(index), *(str(c[k]) for c in columns), f"{p:.8f}", str(int(p >= threshold))]
-        lines.append(",".join(cells))
-    return disk.write_text(path, "\n".join(lines) + "\n")
-
-
-def _csv_cell(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
-
-
-def trained_on(loaded: LoadedModel) -> str | None:
-    """The data the model's run reported (its metrics.json), when the run directory is at hand."""
-    path = Path(loaded.source["path"])
-    for run_dir in (path.parent, path):
-        try:
-            return json.loads((run_dir / run_files.METRICS).read_text()).get("data")
-        except (OSError, ValueError, AttributeError):
-            continue
-    return None
-
-
-def threshold_note(loaded: LoadedModel, name: str) -> str | None:
-    """A warning when a stored threshold was chosen on probabilities made differently from these."""
-    points = loaded.operating_points or {}
-    measured = points.get("measured_with")
-    if name not in THRESHOLD_RULES or name == "0.5" or not measured:
-        return None
-    chosen = InferenceSettings.from_dict(measured)
-    if chosen == loaded.settings:
-        return None
-    return (f"the {name} threshold was chosen on validation predictions made with {chosen.to_dict()}, but these "
-            f"are made with {loaded.settings.to_dict()}; pass the matching --tta-views / --quant / --precision "
-            "for exactly the validated operating point")
-
-
 def describe(loaded: LoadedModel, args: argparse.Namespace, threshold: float, n: int, skipped: Skipped,
              note: str | None) -> dict[str, Any]:
     points = loaded.operating_points or {}
@@ -168,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_for_inference(args.checkpoint, resolve_device(args.device), resolution=args.resolution,
                                 tta_views=args.tta_views, quant=args.quant, precision=args.precision)
     threshold = resolve_threshold(args.threshold, loaded.operating_points, where=loaded.source["path"])
-    note = threshold_note(loaded, args.threshold)
+    note = threshold_note(loaded.operating_points, loaded.settings, args.threshold)
     if note:
         log.warning(note)
     skipped = Skipped()
