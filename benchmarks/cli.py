@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -26,45 +27,38 @@ from pcamx.runtime.hardware import resolve_device, resolve_precision
 from pcamx.runtime.timing import sync
 
 # CPU: small batches, 6 s per figure and few forwards per compressed variant keep a vits16 run near 15 minutes on
-# 2 cores (section 4's five budget searches take ~6). CUDA: pcamx's own batch sizes (conf/data/pcam.yaml).
+# 2 cores (section 4's budget searches take ~6). CUDA: pcamx's own batch sizes (conf/data/pcam.yaml).
 CPU_DEFAULTS = {"batch_size": 16, "eval_batch_size": 8, "seconds": 6.0, "forward_iters": (20, 4)}
 CUDA_DEFAULTS = {"seconds": 3.0, "forward_iters": (50, 20)}
-DATA_SIZES = {"train": 4096, "valid": 64, "test": 1024}
-QUICK_DATA_SIZES = {"train": 128, "valid": 8, "test": 64}
-# Dense bf16 tensor-core peak (TFLOP/s), matched against the CUDA device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+DATA_SIZES, QUICK_DATA_SIZES = {"train": 4096, "valid": 64, "test": 1024}, {"train": 128, "valid": 8, "test": 64}
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense tensor-core peak, by CUDA device name
 # Measured on the 2-core dev machine: ~50 s of compile warm-up per model, and the compiled vits16 head_only step
 # was slower than eager (3.2 s vs 0.85 s at batch 16).
 CPU_COMPILE_REASON = "CPU: ~50 s compile warm-up per model exceeds the time budget (--compile on to force)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="pcamx's on-device batched input pipeline, TTA, training and compressed models against the "
-                    "usual per-sample pipeline (h5py per sample, PIL augmentation, HF processor, DataLoader, TTA loop).")
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="pcamx's on-device batched input pipeline, "
+                                "TTA, training and compressed models against the usual per-sample pipeline.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--model", choices=tuple(ARCHITECTURES), default="vits16", help="architecture (random init "
-                   "unless --weights)")
-    p.add_argument("--weights", default=None, help="HF id or local dir of DINOv3 weights (optional)")
-    p.add_argument("--resolution", type=int, default=None, help="default: conf data.resolution")
-    p.add_argument("--batch-size", type=int, default=None, help="training / pipeline / throughput batch")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="images per TTA batch (x views)")
-    p.add_argument("--duration", type=float, default=None, help="timed seconds per figure, all repeats")
-    p.add_argument("--iters", type=int, default=None, help="fixed timed calls per repeat (overrides --duration; "
-                   "section 4: forwards per figure)")
-    p.add_argument("--repeats", type=int, default=None, help="repeats per figure (median reported; default 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each figure (default 2)")
-    p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default: min(8, CPUs))")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--model", choices=tuple(ARCHITECTURES), default="vits16", help="architecture (random init)")
+    for flag, kind, text in (
+            ("--resolution", int, "model input size (default: conf data.resolution)"),
+            ("--batch-size", int, "training / pipeline / throughput batch (CPU 16; CUDA: conf data.batch_size)"),
+            ("--eval-batch-size", int, "images per TTA batch (CPU 8; CUDA: conf data.eval_batch_size)"),
+            ("--duration", float, "timed seconds per figure, all repeats (CPU 6, CUDA 3)"),
+            ("--iters", int, "fixed timed calls per repeat instead of --duration; section 4: forwards per figure"),
+            ("--repeats", int, "samples per figure, the median reported (default 3)"),
+            ("--warmup", int, "untimed calls before each figure (default 2)"),
+            ("--workers", int, "reference DataLoader workers (default: min(8, CPUs))"),
+            ("--threads", int, "torch threads (default: torch's)"),
+            ("--peak-tflops", float, "dense bf16 TFLOP/s for MFU (default by GPU name: A100 312, H100/H200 989)")):
+        p.add_argument(flag, type=kind, help=text)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the pcamx training step too (auto: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense bf16 TFLOP/s for MFU (default by GPU name: A100 312, H100/H200 989)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--data-dir", default=None, help="where to write (or reuse) the synthetic files (default: a temp "
-                   "dir)")
+    p.add_argument("--data-dir", help="where the synthetic files are written or reused (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data, one call per figure, no compile")
@@ -73,29 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     device = resolve_device(args.device)
-    cfg, protocol = compose(), compose("experiment=repro_compress")  # pcamx's defaults; the reference protocol's
-    cuda = device.type == "cuda"
+    cfg, protocol, cuda, quick = compose(), compose("experiment=repro_compress"), device.type == "cuda", args.quick
     defaults = {**CUDA_DEFAULTS, "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size} \
         if cuda else CPU_DEFAULTS
-    quick = args.quick
     iters = args.iters if args.iters is not None else 1 if quick else None
-    compile_on, reason = {"on": (True, None), "off": (False, "--no-compile")}.get(
-        args.compile, (False, "--quick") if quick else (cuda, None if cuda else CPU_COMPILE_REASON))
-    peak = args.peak_tflops
-    if peak is None and cuda:
-        peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in torch.cuda.get_device_name(device)), None)
-    views = cfg.eval.tta_views
+    name = torch.cuda.get_device_name(device) if cuda else ""
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     return Settings(
-        device=device, model=args.model, weights=args.weights, resolution=args.resolution or cfg.data.resolution,
+        device=device, model=args.model, resolution=args.resolution or cfg.data.resolution,
         batch_size=args.batch_size or defaults["batch_size"],
         eval_batch_size=args.eval_batch_size or defaults["eval_batch_size"],
         workers=args.workers if args.workers is not None else min(8, os.cpu_count() or 1),
         repeats=args.repeats or (1 if quick else 3), seconds=args.duration or defaults["seconds"], calls=iters,
         warmup=args.warmup if args.warmup is not None else 1 if quick else 2,
-        forward_iters=(iters, iters) if iters else defaults["forward_iters"], compile=compile_on,
-        compile_skip_reason=None if compile_on else reason, views=views,
-        # The reference loop at the protocol's views too on CUDA (its target); on a CPU that doubles a slow section.
-        loop_views=tuple(dict.fromkeys((views, protocol.eval.tta_views))) if cuda else (views,),
+        forward_iters=(iters, iters) if iters else defaults["forward_iters"],
+        compile_skipped={"on": None, "off": "--no-compile"}.get(args.compile, "--quick" if quick else None if cuda
+                                                                else CPU_COMPILE_REASON),
+        views=cfg.eval.tta_views,
+        # The loop at the protocol's views too on CUDA (its target); on a CPU that would double a slow section.
+        loop_views=tuple(dict.fromkeys((cfg.eval.tta_views, protocol.eval.tta_views)))[:None if cuda else 1],
         precision=str(resolve_precision(cfg.train.precision, "train.precision", device, cfg.hardware.device)),
         peak_tflops=peak, seed=args.seed, quick=quick)
 
@@ -103,17 +93,16 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")), None) if cpuinfo.exists() else None
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else cpu or platform.processor(), "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "commit": git.stdout.strip() or None,
-            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "loadavg_start": list(os.getloadavg())}
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version(),
+            "commit": commit, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "loadavg_start": list(os.getloadavg())}
 
 
 def _log(message: str) -> None:
@@ -131,15 +120,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     try:
         settings = resolve_settings(args)
-        meta, started = environment(settings.device), time.perf_counter()
-        sizes = QUICK_DATA_SIZES if args.quick else DATA_SIZES
+        meta, started, sizes = environment(settings.device), time.perf_counter(), \
+            QUICK_DATA_SIZES if args.quick else DATA_SIZES
         with tempfile.TemporaryDirectory(prefix="pcamx-bench-") as tmp:
             root = Path(args.data_dir or tmp) / "pcam"
             _log(f"synthetic PCam-layout data in {root} ({sizes})")
-            start = time.perf_counter()
             bench, sections = Bench(settings, ensure_synthetic(root, sizes, args.seed)), {}
             data = {"kind": "synthetic (pcamx.data.synthetic), official PCam layout", "sizes": sizes,
-                    "prepare_s": time.perf_counter() - start}
+                    "prepare_s": time.perf_counter() - started}
             for name, section in SECTIONS.items():
                 if name not in wanted:
                     sections[name] = {"skipped": "not requested (--sections)"}
@@ -156,9 +144,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)  # a caller in the same process (a test) gets its setting back
     meta |= {"loadavg_end": list(os.getloadavg()), "total_s": time.perf_counter() - started}
-    doc = {"meta": meta,
-           "settings": {**settings.describe(), "sections": wanted, "argv": sys.argv[1:] if argv is None else argv},
-           "data": data, "sections": sections, "targets": evaluate_targets(sections, settings.device.type)}
+    argv = sys.argv[1:] if argv is None else argv
+    doc = {"meta": meta, "settings": {**dataclasses.asdict(settings), "sections": wanted, "argv": argv}, "data": data,
+           "sections": sections, "targets": evaluate_targets(sections, settings.device.type)}
     disk.write_json(args.out, doc)
     print(render_markdown(doc))
     _log(f"wrote {args.out}")

@@ -1,16 +1,16 @@
 """The reference: PCam fine-tuning input, training and TTA code written the common way, to measure pcamx against.
 
-A `Dataset` that reads one patch per `__getitem__` with h5py (the file opened lazily in each worker, as usual
-with h5py and forked workers), PIL augmentation through torchvision (flips, 90° rotations, ColorJitter), the
-Hugging Face `DINOv3ViTImageProcessor` per sample (a float32 (3, 224, 224) tensor: 21.8× the bytes of the uint8
-patch, to collate, pin and copy), a `DataLoader` with worker processes, fp32 eager training with AdamW, and TTA
-as a Python loop of one fp32 forward per view. Nothing here is used by pcamx itself.
+h5py reads one patch per `__getitem__` (the file opened lazily in each worker), PIL augmentation through
+torchvision, the Hugging Face `DINOv3ViTImageProcessor` per sample (a float32 (3, 224, 224) tensor: 21.8× the bytes
+of the uint8 patch, to collate, pin and copy), a `DataLoader` with workers, fp32 eager AdamW steps, and TTA as a
+loop of one fp32 forward per view. Nothing here is used by pcamx itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import h5py
@@ -18,22 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pcamx.data.layout import X_KEY, Y_KEY
 from pcamx.data.pcam import split_paths
 
 PREFETCH_FACTOR = 2  # DataLoader's default
-
-
-class RandomRot90:
-    """Rotate a PIL image by a random multiple of 90° (PIL transpose: exact, no resampling)."""
-
-    _OPS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        op = self._OPS[int(torch.randint(0, 4, ()))]
-        return img if op is None else img.transpose(op)
 
 
 class ReferencePCamDataset(Dataset):
@@ -50,8 +40,10 @@ class ReferencePCamDataset(Dataset):
         self.x_path, self.y_path = split_paths(root, split)
         with h5py.File(self.x_path, "r") as f:
             self.n = f[X_KEY].shape[0]
+        # Rotations by multiples of 90° are exact in PIL (a transpose, no resampling).
+        rot90 = T.RandomChoice([T.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)])
         self.augment = None if jitter is None else T.Compose(
-            [T.RandomHorizontalFlip(), T.RandomVerticalFlip(), RandomRot90(), T.ColorJitter(**jitter)])
+            [T.RandomHorizontalFlip(), T.RandomVerticalFlip(), rot90, T.ColorJitter(**jitter)])
         self.processor = DINOv3ViTImageProcessor(size={"height": resolution, "width": resolution})
         self._files: tuple[h5py.File, h5py.File] | None = None
 
@@ -73,27 +65,14 @@ class ReferencePCamDataset(Dataset):
         self._files = None
 
 
-class EndlessSampler(Sampler[int]):
-    """Indices forever: fresh permutations (shuffle) or 0..n-1 again and again. One endless epoch keeps the
-    workers busy across the repeats; a new epoch per repeat would add the workers' restart stall."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int = 0):
-        self.n, self.shuffle = n, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
-            yield from order.tolist()
-
-    def __len__(self) -> int:  # DataLoader only uses it for len(loader); never exhausted here
-        return 2**62
-
-
 def reference_loader(dataset: ReferencePCamDataset, batch_size: int, workers: int, shuffle: bool, pin_memory: bool,
                      seed: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=EndlessSampler(len(dataset), shuffle, seed),
-                      num_workers=workers, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
+    """Batches forever (fresh permutations, or the file order again and again): one endless epoch keeps the
+    workers busy across the repeats, where a new epoch per repeat would add the workers' restart stall."""
+    sampler = RandomSampler(dataset, num_samples=2**62, generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else itertools.cycle(range(len(dataset)))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=True, persistent_workers=workers > 0,
                       prefetch_factor=PREFETCH_FACTOR if workers > 0 else None)
 
 
@@ -119,7 +98,7 @@ def reference_tta(model: nn.Module, x: torch.Tensor, views: int) -> torch.Tensor
     return sum(torch.softmax(model(view(x)), dim=-1)[:, 1] for view in REFERENCE_VIEWS[:views]) / views
 
 
-def reference_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                          label_smoothing: float, grad_clip: float) -> float:
     """One fp32 eager step on an already preprocessed batch (the same loss and clipping as pcamx's loop)."""
     loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)

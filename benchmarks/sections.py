@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import gc
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,15 +14,8 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import default_collate
 
-from benchmarks.reference import (
-    PREFETCH_FACTOR,
-    ReferencePCamDataset,
-    reference_loader,
-    reference_train_step,
-    reference_tta,
-)
+from benchmarks.reference import PREFETCH_FACTOR, ReferencePCamDataset, reference_loader, reference_step, reference_tta
 from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import plan_from_config, run_plan
 from pcamx.compress.quant import quantize
@@ -34,19 +25,18 @@ from pcamx.data.pcam import PCamSplit
 from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluation.evaluate import predict_batch
 from pcamx.evaluation.footprint import cost, count_params, gflops, latency_ms, throughput_ips
-from pcamx.model import PCamClassifier, architecture, build_classifier, build_model
+from pcamx.model import PCamClassifier, architecture, build_classifier
 from pcamx.runtime.timing import measure
 from pcamx.training.loop import train_step
 from pcamx.training.methods import METHODS, apply_method
 from pcamx.training.optim import build_optimizer
 
-EQUIVALENCE_ATOL = 1e-4
-SPREAD_IMAGES = 16
-# Budgets for section 4 (prune keys over the reference plan): at most a fraction of the uncompressed GFLOPs, every
+EQUIVALENCE_ATOL, SPREAD_IMAGES = 1e-4, 16
+# Section 4's budgets (prune keys over the reference plan): at most a fraction of the uncompressed GFLOPs, every
 # step with one τ, units ranked across blocks, scored by the weights or by activations; and whole-block removal.
 BUDGET_RATIOS, BLOCKS_RATIO = (0.75, 0.5), 0.75
-# Calibration for the data-aware scores, smaller than a run's (prune.calib_batches training batches): a budget
-# search scores the model again in every trial, and 4 batches of 16 would add minutes per search on a CPU.
+# Calibration smaller than a run's (prune.calib_batches training batches): a budget search scores the model again
+# in every trial, and 4 batches of 16 would add minutes per search on a CPU.
 CALIB_BATCHES, CALIB_BATCH_SIZE = 2, 4
 
 
@@ -61,35 +51,29 @@ def budget_variants(quick: bool) -> dict[str, dict[str, Any]]:
 class Settings:
     device: torch.device
     model: str  # an architecture of pcamx.model.ARCHITECTURES
-    weights: str | None  # HF id or local dir; None = random init
     resolution: int
     batch_size: int  # training, pipeline and throughput batch
     eval_batch_size: int  # images per TTA batch
     workers: int  # reference DataLoader workers
-    repeats: int  # samples per figure (pcamx.runtime.timing.measure), the median reported
+    repeats: int  # samples per figure (pcamx.runtime.timing.measure); the median is reported
     seconds: float  # timed seconds per figure, all repeats
     calls: int | None  # fixed calls per repeat instead of `seconds`
     warmup: int
     forward_iters: tuple[int, int]  # section 4: timed forwards for latency (batch 1) and throughput (batch N)
-    compile: bool
-    compile_skip_reason: str | None
+    compile_skipped: str | None  # why the training step is not also compiled; None: it is
     views: int  # pcamx's TTA views (conf eval.tta_views)
-    loop_views: tuple[int, ...]  # view counts of the reference loop (and pcamx fp32 like for like)
+    loop_views: tuple[int, ...]  # view counts of the reference loop (and of pcamx fp32, like for like)
     precision: str  # pcamx's train/eval precision on this device (conf hardware, resolved)
     peak_tflops: float | None
     seed: int
     quick: bool
 
-    def describe(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "device": str(self.device)}
 
-
-def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
-    """images/s of figure `a` ÷ that of `b` (None when either is missing)."""
-    try:
-        return a["images_per_s"] / b["images_per_s"]
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
+def compare(pcamx: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """A side-by-side figure: pcamx's, the reference's, and pcamx ÷ reference images/s (None if one was skipped)."""
+    both = "images_per_s" in pcamx and "images_per_s" in reference
+    return {"pcamx": pcamx, "reference": reference,
+            "ratio": pcamx["images_per_s"] / reference["images_per_s"] if both else None}
 
 
 def release(device: torch.device) -> None:
@@ -106,11 +90,11 @@ class Bench:
         self.s, self.root = settings, root
         # The reference protocol (jitter, label smoothing, clipping, τ per step), as `python run.py` composes it.
         self.protocol = compose("experiment=repro_compress")
+        self.jitter = OmegaConf.to_container(self.protocol.data.jitter)
         self.splits = {name: PCamSplit.load(root, name) for name in ("train", "test")}
         for name, batch in (("train", settings.batch_size), ("test", settings.eval_batch_size)):
             if len(self.splits[name]) < batch:
-                raise ValueError(f"the {name} split ({len(self.splits[name])} patches) is smaller than one batch "
-                                 f"({batch})")
+                raise ValueError(f"{name} split: {len(self.splits[name])} images, fewer than a batch ({batch})")
 
     def figure(self, fig: dict[str, Any], batch_size: int, precision: str, device: torch.device | None = None,
                **extra: Any) -> dict[str, Any]:
@@ -127,26 +111,24 @@ class Bench:
         return self.figure(timed.describe(), batch_size, precision, device, **extra)
 
     def new_model(self) -> PCamClassifier:
+        """Random init: speed does not depend on the weights (what a fixed τ removes does: see section 4's note)."""
         torch.manual_seed(self.s.seed)
-        if self.s.weights:
-            return build_model({"name_or_path": self.s.weights, "architecture": self.s.model, "config": {}})
         return build_classifier(architecture(self.s.model))
 
-    def host_batches(self, split: str, batch_size: int, shuffle: bool) -> Iterator[tuple]:
-        """pcamx's own batches (full ones only), epoch after epoch, on the host."""
-        generator = torch.Generator().manual_seed(self.s.seed)
-        while True:
-            yield from self.splits[split].batches(batch_size, shuffle=shuffle, generator=generator, drop_last=True)
+    def batches(self, split: str, batch_size: int, shuffle: bool, device: torch.device | None = None) -> Iterator:
+        """pcamx's own batches (full ones), epoch after epoch, delivered as its loops get them (pinned staging, a
+        copy one batch ahead on CUDA); on the host when `device` is the CPU."""
+        def endless() -> Iterator:
+            generator = torch.Generator().manual_seed(self.s.seed)
+            while True:
+                yield from self.splits[split].batches(batch_size, shuffle=shuffle, generator=generator, drop_last=True)
 
-    def device_batches(self, split: str, batch_size: int, shuffle: bool) -> Iterator[tuple]:
-        """The same, delivered as pcamx's loops get them (pinned staging, copies one batch ahead on CUDA)."""
-        return to_device(self.host_batches(split, batch_size, shuffle), self.s.device)
+        return to_device(endless(), device or self.s.device)
 
     @contextlib.contextmanager
     def reference_batches(self, split: str, train: bool, batch_size: int, pin_memory: bool | None = None):
         """An iterator over the reference DataLoader; its workers are shut down on exit."""
-        jitter = OmegaConf.to_container(self.protocol.data.jitter) if train else None
-        dataset = ReferencePCamDataset(self.root, split, self.s.resolution, jitter)
+        dataset = ReferencePCamDataset(self.root, split, self.s.resolution, self.jitter if train else None)
         pin = self.s.device.type == "cuda" if pin_memory is None else pin_memory
         iterator = iter(reference_loader(dataset, batch_size, self.s.workers, train, pin, self.s.seed))
         try:
@@ -173,16 +155,13 @@ def _fetch(iterator: Iterator, device: torch.device | None) -> Callable[[], int]
     return step
 
 
-# --- 1. input pipeline -------------------------------------------------------------------------------
-
-
 def section_pipeline(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
-    """Images/s delivered to the device ready for the model, and the host side alone."""
-    s, batch, out = b.s, b.s.batch_size, {}
-    jitter = ColorJitter.from_config(b.protocol.data.jitter)
+    """1. Images/s delivered to the device ready for the model, and the host side alone (train mode, the
+    reference's heaviest path: all CPU work before the device gets the batch)."""
+    s, batch, jitter, out, cpu = b.s, b.s.batch_size, ColorJitter.from_config(b.jitter), {}, torch.device("cpu")
     for mode, split in (("train", "train"), ("eval", "test")):
-        augment = mode == "train"
-        batches, generator = b.device_batches(split, batch, augment), torch.Generator().manual_seed(s.seed)
+        augment, generator = mode == "train", torch.Generator().manual_seed(s.seed)
+        batches = b.batches(split, batch, augment)
 
         def step(batches: Iterator = batches, generator: torch.Generator = generator, augment: bool = augment) -> int:
             images, _ = next(batches)
@@ -191,52 +170,22 @@ def section_pipeline(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
 
         pcamx = b.time(step, batch, "fp32", what="in-memory uint8 batch → device → batched preprocess")
         with b.reference_batches(split, augment, batch) as iterator:
-            reference = b.time(_fetch(iterator, s.device), batch, "fp32", b.reference_warmup(), workers=s.workers,
-                               what="DataLoader(h5py per sample → PIL aug → processor) → device")
-        out[mode] = {"augment": augment, "pcamx": pcamx, "reference": reference, "ratio": ratio(pcamx, reference)}
-
-    # Host side, train mode (the reference's heaviest path): all CPU work before the device gets the batch.
-    cpu = torch.device("cpu")
-    host = b.host_batches("train", batch, shuffle=True)
-    host_pcamx = b.time(lambda: len(next(host)[0]), batch, "uint8", device=cpu, processes=1,
-                        what="shuffled uint8 batch gathered from memory")
+            out[mode] = compare(pcamx, b.time(_fetch(iterator, s.device), batch, "fp32", b.reference_warmup(),
+                                              workers=s.workers, what="DataLoader(h5py, PIL aug, processor) → device"))
+    host = b.batches("train", batch, True, cpu)
+    pcamx = b.time(lambda: len(next(host)[0]), batch, "uint8", device=cpu, what="shuffled uint8 batch from memory")
     with b.reference_batches("train", True, batch, pin_memory=False) as iterator:
-        host_reference = b.time(_fetch(iterator, None), batch, "fp32", b.reference_warmup(), cpu, workers=s.workers,
-                                what="DataLoader workers: h5py read + decode + PIL aug + processor + collate")
-    dataset = ReferencePCamDataset(b.root, "train", s.resolution, OmegaConf.to_container(b.protocol.data.jitter))
-    rng, threads = random.Random(s.seed), torch.get_num_threads()
-    torch.set_num_threads(1)  # what a DataLoader worker runs with
-    try:
-        one_core = b.time(lambda: len(default_collate([dataset[rng.randrange(len(dataset))] for _ in range(batch)])),
-                          batch, "fp32", device=cpu, processes=1, what="the same work in one process")
-    finally:
-        torch.set_num_threads(threads)
-        dataset.close()
-    out["host"] = {"pcamx": host_pcamx, "reference": host_reference, "reference_1core": one_core,
-                   "ratio": ratio(host_pcamx, host_reference), "pcamx_us_per_image": 1e6 / host_pcamx["images_per_s"],
-                   "reference_us_per_image_1core": 1e6 / one_core["images_per_s"]}
+        out["host"] = compare(pcamx, b.time(_fetch(iterator, None), batch, "fp32", b.reference_warmup(), cpu,
+                                            workers=s.workers, what="DataLoader workers: h5py + PIL aug + processor"))
+    out["host"]["pcamx_us_per_image"] = 1e6 / pcamx["images_per_s"]
     return out
-
-
-# --- 2. evaluation with TTA -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """No TF32, so that batch-size-dependent kernel choices cannot move fp32 results by ~1e-3."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @torch.no_grad()
 def spread_head(model: PCamClassifier, images: torch.Tensor, resolution: int) -> dict[str, float]:
     """Rescale and shift the head so that the logit margin over `images` has mean 0 and std 1: P(tumour) then
     spreads over ~[0.1, 0.9]. A random model saturates near 0 or 1, where softmax hides every difference and
-    the equivalence check below would pass whatever the views."""
+    the equivalence check would pass whatever the views."""
     margin = model(preprocess(images, resolution)).diff(dim=-1).squeeze(-1)
     mean, std = float(margin.mean()), max(float(margin.std()), 1e-6)
     model.head.weight /= std
@@ -247,56 +196,52 @@ def spread_head(model: PCamClassifier, images: torch.Tensor, resolution: int) ->
 def tta_equivalence(b: Bench, model: torch.nn.Module, views: int, n: int = 8) -> dict[str, Any]:
     """pcamx's batched TTA vs the reference loop (processor per sample, a forward per view), fp32."""
     dataset = ReferencePCamDataset(b.root, "test", b.s.resolution)
-    try:
-        x = torch.stack([dataset[i][0] for i in range(n)]).to(b.s.device)
-    finally:
-        dataset.close()
-    with strict_fp32():
+    x = torch.stack([dataset[i][0] for i in range(n)]).to(b.s.device)
+    dataset.close()
+    # No TF32 (torch's default for matmuls; cuDNN's convolutions too here): batch-size-dependent kernel choices
+    # would move fp32 results by ~1e-3.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         ours = predict_batch(model, b.splits["test"].images[:n].to(b.s.device), b.s.resolution, views, "fp32").cpu()
-        theirs = reference_tta(model, x, views).cpu()
-    diff = float((ours - theirs).abs().max())
+        diff = float((ours - reference_tta(model, x, views).cpu()).abs().max())
     return {"images": n, "views": views, "max_abs_diff": diff, "atol": EQUIVALENCE_ATOL,
             "passed": diff <= EQUIVALENCE_ATOL, "prob_min": float(ours.min()), "prob_max": float(ours.max())}
 
 
 def section_eval(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
-    """pcamx.evaluation.evaluate.predict_batch (views stacked, one forward) against a per-view loop."""
+    """2. pcamx.evaluation.evaluate.predict_batch (views stacked, one forward) against a per-view loop: pcamx in
+    fp32 at each view count of the loop (like for like), and as configured (its precision) if that differs."""
     s, device, batch = b.s, b.s.device, b.s.eval_batch_size
     model = b.new_model().eval()
     head = spread_head(model, b.splits["test"].images[:SPREAD_IMAGES], s.resolution)
     model.to(device)
     out: dict[str, Any] = {"views": s.views, "protocol_views": b.protocol.eval.tta_views, "head": head,
-                           "equivalence": tta_equivalence(b, model, s.views), "pcamx": {}, "reference": {}}
-    # fp32 at every loop view count (like for like), and pcamx as configured (its precision) when that differs.
-    for views, precision in dict.fromkeys([*((v, "fp32") for v in s.loop_views), (s.views, s.precision)]):
-        batches = b.device_batches("test", batch, shuffle=False)
-
-        def step(batches: Iterator = batches, views: int = views, precision: str = precision) -> int:
-            images, _ = next(batches)
-            predict_batch(model, images, s.resolution, views, precision).cpu()
-            return len(images)
-
-        out["pcamx"][f"{views}_{precision}"] = b.time(step, batch, precision, views=views, forward_batch=views * batch)
+                           "equivalence": tta_equivalence(b, model, s.views), "comparisons": {}}
     for views in s.loop_views:
         with b.reference_batches("test", False, batch) as iterator:
-            def step(iterator: Iterator = iterator, views: int = views) -> int:
+            def loop(iterator: Iterator = iterator, views: int = views) -> int:
                 x, _ = next(iterator)
                 reference_tta(model, x.to(device, non_blocking=True), views).cpu()
                 return len(x)
 
-            out["reference"][str(views)] = b.time(step, batch, "fp32", b.reference_warmup(model_bound=True),
-                                                  views=views, workers=s.workers, forward_batch=batch)
-    out["ratio"] = {v: ratio(out["pcamx"][f"{v}_fp32"], fig) for v, fig in out["reference"].items()}
-    out["ratio_configured"] = ratio(out["pcamx"][f"{s.views}_{s.precision}"], out["reference"][str(s.views)])
+            reference = b.time(loop, batch, "fp32", b.reference_warmup(model_bound=True), views=views,
+                               workers=s.workers, forward_batch=batch)
+        for precision in dict.fromkeys(("fp32", s.precision) if views == s.views else ("fp32",)):
+            batches = b.batches("test", batch, shuffle=False)
+
+            def step(batches: Iterator = batches, views: int = views, precision: str = precision) -> int:
+                images, _ = next(batches)
+                predict_batch(model, images, s.resolution, views, precision).cpu()
+                return len(images)
+
+            out["comparisons"][f"{views} views, {precision}"] = compare(
+                b.time(step, batch, precision, views=views, forward_batch=views * batch), reference)
     release(device)
     return out
 
 
-# --- 3. training step ------------------------------------------------------------------------------
-
-
 def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
-    """pipeline: pcamx_eager | pcamx_compiled | reference; the method set up with pcamx's defaults for it."""
+    """pipeline: pcamx_eager | pcamx_compiled | reference; the method set up with pcamx's defaults for it, the loss
+    and clipping of the reference protocol on both sides."""
     s, device, protocol = b.s, b.s.device, b.protocol.train
     release(device)
     if device.type == "cuda":
@@ -311,16 +256,16 @@ def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
 
             def step() -> int:
                 x, y = next(iterator)
-                reference_train_step(model, optimizer, x.to(device, non_blocking=True),
-                                     y.to(device, non_blocking=True), protocol.label_smoothing, protocol.grad_clip)
+                reference_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                               protocol.label_smoothing, protocol.grad_clip)
                 return len(x)
 
             warmup, precision = b.reference_warmup(model_bound=True), "fp32"
         else:
             optimizer = build_optimizer(groups, device, cfg.train.lr)  # as pcamx.training.loop does
             forward = torch.compile(model) if pipeline == "pcamx_compiled" else model
-            batches, generator = b.device_batches("train", s.batch_size, True), torch.Generator().manual_seed(s.seed)
-            jitter = ColorJitter.from_config(b.protocol.data.jitter)
+            batches, generator = b.batches("train", s.batch_size, True), torch.Generator().manual_seed(s.seed)
+            jitter = ColorJitter.from_config(b.jitter)
 
             def step() -> int:
                 images, labels = next(batches)
@@ -340,33 +285,26 @@ def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
 
 
 def section_train(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
+    """3. pcamx.training.loop.train_step per method, eager and compiled, against the reference pipeline and step."""
     out: dict[str, Any] = {}
     for method in METHODS:
-        entry: dict[str, Any] = {"pcamx_eager": _train_figure(b, method, "pcamx_eager"),
-                                 "pcamx_compiled": {"skipped": b.s.compile_skip_reason}}
-        if b.s.compile:
-            try:
-                entry["pcamx_compiled"] = _train_figure(b, method, "pcamx_compiled")
-            except Exception as err:  # a compiler backend failure is a result to record, not a crash
-                torch._dynamo.reset()
-                entry["pcamx_compiled"] = {"skipped": f"torch.compile failed: {type(err).__name__}: {err}"[:500]}
-        entry["reference"] = _train_figure(b, method, "reference")
-        best = max(("pcamx_eager", "pcamx_compiled"), key=lambda k: entry[k].get("images_per_s", 0.0))
-        entry |= {"best_pcamx": best, "ratio": ratio(entry[best], entry["reference"]),
-                  "ratio_eager": ratio(entry["pcamx_eager"], entry["reference"])}
-        out[method] = entry
+        eager, compiled = _train_figure(b, method, "pcamx_eager"), {"skipped": b.s.compile_skipped}
+        try:
+            compiled = compiled if b.s.compile_skipped else _train_figure(b, method, "pcamx_compiled")
+        except Exception as err:  # a compiler backend failure is a result to record, not a crash
+            torch._dynamo.reset()
+            compiled = {"skipped": f"torch.compile failed: {type(err).__name__}: {err}"[:500]}
+        reference = _train_figure(b, method, "reference")
+        out[method] = {"eager": compare(eager, reference), "compiled": compare(compiled, reference)}
     return out
 
 
-# --- 4. compressed models ----------------------------------------------------------------------------
-
-
 def _forward(b: Bench, model: torch.nn.Module, precision: str) -> dict[str, Any]:
-    """Latency at batch 1 and throughput at batch N (pcamx.evaluation.footprint's, as metrics.json reports)."""
+    """Latency at batch 1 and throughput at batch N: pcamx.evaluation.footprint's, as metrics.json reports them."""
     s, (lat_iters, thr_iters) = b.s, b.s.forward_iters
     x = torch.randn(s.batch_size, 3, s.resolution, s.resolution, generator=torch.Generator().manual_seed(s.seed))
-    x = x.to(s.device)
-    lat, thr = latency_ms(model, x[:1], s.warmup, lat_iters), throughput_ips(model, x, s.warmup, thr_iters)
+    lat, thr = latency_ms(model, x[:1].to(s.device), s.warmup, lat_iters), \
+        throughput_ips(model, x.to(s.device), s.warmup, thr_iters)
     return {"latency_ms": lat, "images_per_s": thr,
             "latency": b.figure({"median_ms": lat, "timed_iters": lat_iters, "warmup_iters": s.warmup}, 1, precision),
             "throughput": b.figure({"images_per_s": thr, "timed_iters": thr_iters, "warmup_iters": s.warmup},
@@ -374,30 +312,28 @@ def _forward(b: Bench, model: torch.nn.Module, precision: str) -> dict[str, Any]
 
 
 def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
-    """The uncompressed model, each step at the reference τ and their chain, budgets, and bf16 / int8."""
+    """4. The uncompressed model, each step at the reference τ and their chain, budgets, and bf16 / int8."""
     s, device = b.s, b.s.device
     prune = OmegaConf.to_container(b.protocol.prune)  # conf/experiment/repro_compress.yaml: the reference τ
     base, variants = b.new_model().eval().to(device), {}
     generator = torch.Generator().manual_seed(s.seed)  # calibration: a seeded shuffle, no augmentation, no labels
     batches = b.splits["train"].batches(CALIB_BATCH_SIZE, shuffle=True, generator=generator, drop_last=True)
-    calibration = [(preprocess(x.to(device), s.resolution), None) for (x, _), _ in zip(batches, range(CALIB_BATCHES), strict=False)]
+    calibration = [(preprocess(x.to(device), s.resolution), None)
+                   for (x, _), _ in zip(batches, range(CALIB_BATCHES), strict=False)]
 
     def add(name: str, model: torch.nn.Module, precision: str = "fp32", **info: Any) -> None:
-        model.eval()
         if "gflops" not in info and precision != "int8":  # ptflops cannot hook torchao's quantized linears
             info["gflops"] = gflops(model, s.resolution, device)
-        variants[name] = {"params": count_params(model), **info, **_forward(b, model, precision)}
+        variants[name] = {"params": count_params(model), **info, **_forward(b, model.eval(), precision)}
         release(device)
 
     add("uncompressed", copy.deepcopy(base))
     for method in (*prune["order"], "all"):  # each step at its reference τ, then the chain
-        model, p = copy.deepcopy(base), plan_from_config({**prune, "method": method})
-        start = time.perf_counter()
+        model, p, start = copy.deepcopy(base), plan_from_config({**prune, "method": method}), time.perf_counter()
         run_plan(model, p)
         add(method, model, tau=p.tau, compress_s=time.perf_counter() - start)
     for name, keys in budget_variants(s.quick).items():
-        p = plan_from_config({**prune, **keys, "calib_batches": len(calibration)})
-        start = time.perf_counter()
+        p, start = plan_from_config({**prune, **keys, "calib_batches": len(calibration)}), time.perf_counter()
         try:
             model, _, found = compress_to_budget(copy.deepcopy(base), p, lambda m: cost(m, s.resolution),
                                                  calibration if p.needs_calibration else None)
@@ -420,35 +356,30 @@ def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
                 "gflops_ratio": fig["gflops"] / first["gflops"] if fig.get("gflops") is not None else None}
     return {"variants": variants, "calibration": {"batches": len(calibration), "batch_size": CALIB_BATCH_SIZE},
             "budget_note": f"--quick: target_ratio {BUDGET_RATIOS[0]:g} only" if s.quick else None,
-            "note": None if s.weights else "random-init weights: a fixed τ removes far less from random matrices than "
-                    "from trained ones, so the fixed-τ speedups understate a trained model's; the budget rows reach "
-                    "their GFLOPs whatever the weights; pass --weights for real ones"}
-
-
-# --- 5. model FLOPs utilization ---------------------------------------------------------------------
+            "note": "random-init weights: a fixed τ removes far less from random matrices than from trained ones, so "
+                    "the fixed-τ rows understate a trained model's speedup (a compressed run's metrics.json has its "
+                    "own); the budget rows reach their GFLOPs whatever the weights"}
 
 
 def section_mfu(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
-    """Achieved FLOP/s of the training and TTA figures already measured ÷ the GPU's dense bf16 peak."""
+    """5. Achieved FLOP/s of the training figures already measured ÷ the GPU's dense bf16 peak."""
     if b.s.device.type != "cuda":
         return {"skipped": "no CUDA"}
-    forward = gflops(b.new_model().to(b.s.device), b.s.resolution, b.s.device)
-    peak, rows = b.s.peak_tflops, {}
-    for method, figs in (results.get("train") or {}).items():
-        rows |= {f"train {method}/{k}": (figs[k]["images_per_s"], 3 * forward)
-                 for k in ("pcamx_eager", "pcamx_compiled", "reference") if "images_per_s" in figs[k]}
-    for side in ("pcamx", "reference"):
-        rows |= {f"eval {side} {k}": (fig["images_per_s"], fig["views"] * forward)
-                 for k, fig in ((results.get("eval") or {}).get(side) or {}).items()}
-    figures = {name: {"images_per_s": ips, "achieved_tflops": ips * g / 1e3, "mfu": ips * g / 1e3 / peak if peak
-                      else None} for name, (ips, g) in rows.items()}
+    forward, peak = gflops(b.new_model().to(b.s.device), b.s.resolution, b.s.device), b.s.peak_tflops
+    figures = {}
+    for method, entry in (results.get("train") or {}).items():
+        for key, fig in (("eager", entry["eager"]["pcamx"]), ("compiled", entry["compiled"]["pcamx"]),
+                         ("reference", entry["eager"]["reference"])):
+            if "images_per_s" in fig:
+                tflops = fig["images_per_s"] * 3 * forward / 1e3
+                figures[f"{method} {key}"] = {"images_per_s": fig["images_per_s"], "achieved_tflops": tflops,
+                                              "mfu": tflops / peak if peak else None, "precision": fig["precision"]}
     return {"peak_tflops_bf16": peak, "forward_gflops": forward, "figures": figures,
             "note": None if peak else "peak bf16 FLOP/s unknown for this GPU: pass --peak-tflops to get MFU",
             "convention": "footprint.gflops (module hooks only: the attention core is not counted, so MFU is a lower "
-                          "bound); training = 3x forward FLOPs per image, TTA = views x forward"}
+                          "bound); a training image = 3x its forward FLOPs"}
 
 
 SECTIONS: dict[str, Callable[[Bench, dict[str, Any]], dict[str, Any]]] = {
     "pipeline": section_pipeline, "eval": section_eval, "train": section_train, "compress": section_compress,
-    "mfu": section_mfu,
-}
+    "mfu": section_mfu}

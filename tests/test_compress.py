@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import DINOv3ViTModel
 
+from conftest import HEAD_DIM, HEADS, HIDDEN, LAYERS, VISIBLE_STD, WIDTH, layers, logits, tiny_model
 from pcamx.compress.chain import compress
 from pcamx.compress.energy import keep_by_energy, kept_fraction, validate_tau
 from pcamx.compress.heads import head_energies, prune_attention_heads
@@ -20,35 +21,9 @@ from pcamx.compress.spec import CheckpointMismatchError, architecture_spec, load
 from pcamx.compress.surgery import LowRankLinear
 from pcamx.compress.svd import truncated_svd
 from pcamx.evaluation.footprint import count_params as count_parameters
-from pcamx.model import PCamClassifier, architecture, build_model
+from pcamx.model import PCamClassifier, architecture
 
-TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)
-HIDDEN, HEADS, HEAD_DIM, WIDTH, LAYERS = 32, 4, 8, 64, 2
 ATOL = 1e-6
-
-
-def make_model(seed: int = 0, std: float = 0.2) -> PCamClassifier:
-    """A tiny classifier whose weights are large enough that every head and neuron visibly matters
-    (the default init's std of 0.02 would make dropped units change the output by less than ATOL)."""
-    model = build_model({"name_or_path": None, "architecture": "tiny", "config": TINY}).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model
-
-
-def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
-    return model(images() if x is None else x)
-
-
-def layers(model: PCamClassifier):
-    return list(model.backbone.model.layer)
 
 
 def expected_params(base: int, heads_kept: list[int], widths: list[int]) -> int:
@@ -110,7 +85,7 @@ def test_bad_energies_are_rejected():
 
 @pytest.mark.parametrize("method", ["heads", "mlp", "svd", "all"])
 def test_tau_one_leaves_architecture_and_outputs_unchanged(method):
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     before_spec, before_params, before = architecture_spec(model), count_parameters(model), logits(model)
     compress(model, method, 1.0)
     assert architecture_spec(model) == before_spec
@@ -143,7 +118,7 @@ def set_head_energies(model: PCamClassifier, energies: list[float]) -> None:
     ],
 )
 def test_head_pruning_keeps_exactly_the_expected_heads(energies, tau, kept):
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     set_head_energies(model, energies)
     torch.testing.assert_close(
         head_energies(layers(model)[0].attention), torch.tensor(energies, dtype=torch.float64)
@@ -166,7 +141,7 @@ def test_head_pruning_keeps_exactly_the_expected_heads(energies, tau, kept):
 
 
 def test_dropping_heads_equals_zeroing_their_o_proj_columns():
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     reference = copy.deepcopy(model)
     tau = 0.75
     kept_per_layer = [keep_by_energy(head_energies(layer.attention), tau).tolist() for layer in layers(model)]
@@ -182,7 +157,7 @@ def test_dropping_heads_equals_zeroing_their_o_proj_columns():
     assert [row["kept"] for row in report] == kept_per_layer
     assert all(row["kept_energy"] >= tau for row in report)
     torch.testing.assert_close(logits(model), logits(reference), atol=ATOL, rtol=0)
-    assert not torch.allclose(logits(model), logits(make_model()), atol=1e-3)  # the heads did matter
+    assert not torch.allclose(logits(model), logits(tiny_model(std=VISIBLE_STD)), atol=1e-3)  # the heads did matter
     widths = [WIDTH] * LAYERS
     assert count_parameters(model) == expected_params(base, [len(k) for k in kept_per_layer], widths)
 
@@ -212,7 +187,7 @@ def set_neuron_energies(model: PCamClassifier, energies: list[float]) -> None:
     ],
 )
 def test_mlp_pruning_keeps_exactly_the_expected_neurons(tau, kept):
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     energies = [1.0] * 60 + [100.0] * 4
     set_neuron_energies(model, energies)
     mlp = layers(model)[0].mlp
@@ -235,7 +210,7 @@ def test_mlp_pruning_keeps_exactly_the_expected_neurons(tau, kept):
 
 
 def test_dropping_neurons_equals_zeroing_their_down_proj_columns():
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     reference = copy.deepcopy(model)
     tau = 0.8
     kept_per_layer = [keep_by_energy(neuron_energies(layer.mlp), tau).tolist() for layer in layers(model)]
@@ -269,7 +244,7 @@ def matrix_with_singular_values(sigma: list[float], out: int, inp: int, seed: in
     [(0.8, 2), (0.5, 1), (0.01, 1), (0.96, 3), (0.999, 4)],  # σ² = 16, 9, 4, 1 (+ zeros): total 30
 )
 def test_svd_finds_the_exact_rank_and_factorizes(tau, rank):
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     sigma = [4.0, 3.0, 2.0, 1.0]
     weight = matrix_with_singular_values(sigma, HIDDEN, HIDDEN)
     with torch.no_grad():
@@ -299,7 +274,7 @@ def test_svd_finds_the_exact_rank_and_factorizes(tau, rank):
 
 
 def test_svd_skips_layers_where_factorizing_would_not_save_parameters():
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     flat = matrix_with_singular_values([1.0] * HIDDEN, HIDDEN, HIDDEN)  # every direction holds 1/32
     with torch.no_grad():
         for layer in layers(model):
@@ -321,7 +296,7 @@ def test_svd_skips_layers_where_factorizing_would_not_save_parameters():
 
 def test_svd_targets_are_validated():
     with pytest.raises(ValueError, match="unknown SVD targets"):
-        truncated_svd(make_model(), 0.5, targets=("head",))
+        truncated_svd(tiny_model(std=VISIBLE_STD), 0.5, targets=("head",))
 
 
 # --- the chain -------------------------------------------------------------------------------------
@@ -329,7 +304,7 @@ def test_svd_targets_are_validated():
 
 def test_unknown_method_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed: none, heads, mlp, svd, blocks, all"):
-        compress(make_model(), "prune", 0.5)
+        compress(tiny_model(std=VISIBLE_STD), "prune", 0.5)
 
 
 @pytest.mark.parametrize(
@@ -352,7 +327,7 @@ def test_unknown_method_lists_the_allowed_ones():
     ],
 )
 def test_bad_arguments_fail_before_the_model_is_touched(kwargs, message):
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         compress(model, **kwargs)
@@ -361,21 +336,22 @@ def test_bad_arguments_fail_before_the_model_is_touched(kwargs, message):
 
 
 def test_tau_per_step_as_a_mapping():
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     report = compress(model, "all", tau={"heads": 1.0, "mlp": 0.5, "svd": 1.0})
     assert list(report) == ["heads", "mlp", "svd"]
     assert all(row["after"] == row["before"] for row in report["heads"])
     assert all(row["after"] < row["before"] for row in report["mlp"])
-    assert compress(make_model(), "none", None) == {}
+    assert compress(tiny_model(std=VISIBLE_STD), "none", None) == {}
     # A τ for the heads alone; svd_targets limits what SVD factorizes.
-    report = compress(make_model(), "all", tau={"heads": 0.5, "mlp": 1.0, "svd": 1.0}, svd_targets=("q_proj",))
+    model = tiny_model(std=VISIBLE_STD)
+    report = compress(model, "all", tau={"heads": 0.5, "mlp": 1.0, "svd": 1.0}, svd_targets=("q_proj",))
     assert all(row["after"] < row["before"] for row in report["heads"])
     assert all(row["after"] == row["before"] for row in report["mlp"])
     assert {row["layer"].rsplit(".", 1)[1] for row in report["svd"]} == {"q_proj"}
 
 
 def test_chain_save_and_load_rebuild_the_exact_model(tmp_path):
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     report = compress(model, "all", tau={"heads": 0.8, "mlp": 0.8, "svd": 0.5}, order=("svd", "heads", "mlp"))
     assert list(report) == ["svd", "heads", "mlp"]
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
@@ -399,7 +375,7 @@ def test_chain_save_and_load_rebuild_the_exact_model(tmp_path):
 
 
 def test_heads_then_svd_on_sliced_projections_roundtrip(tmp_path):
-    model = make_model(seed=3)
+    model = tiny_model(seed=3, std=VISIBLE_STD)
     compress(model, "all", tau=0.6, order=("heads", "mlp", "svd"), svd_targets="all")
     loaded = load_compressed(save_compressed(model, tmp_path))
     torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
@@ -411,17 +387,17 @@ def test_heads_then_svd_on_sliced_projections_roundtrip(tmp_path):
 def test_missing_checkpoint_directory_or_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         load_compressed(tmp_path / "no-such-dir")
-    save_compressed(make_model(), tmp_path / "ckpt")
+    save_compressed(tiny_model(std=VISIBLE_STD), tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_compressed(tmp_path / "ckpt")
 
 
 def test_weights_that_do_not_match_the_spec_are_reported(tmp_path):
-    pruned = make_model()
+    pruned = tiny_model(std=VISIBLE_STD)
     compress(pruned, "heads", 0.5)
     save_compressed(pruned, tmp_path / "pruned")
-    save_compressed(make_model(), tmp_path / "full")
+    save_compressed(tiny_model(std=VISIBLE_STD), tmp_path / "full")
     # Pair the full model's weights with the pruned model's architecture: the recorded sha256 says so ...
     spec = json.loads((tmp_path / "pruned" / "architecture.json").read_text())
     (tmp_path / "full" / "architecture.json").write_text(json.dumps(spec))
@@ -435,7 +411,7 @@ def test_weights_that_do_not_match_the_spec_are_reported(tmp_path):
 
 
 def test_a_spec_asking_for_more_heads_than_the_config_is_reported(tmp_path):
-    save_compressed(make_model(), tmp_path)
+    save_compressed(tiny_model(std=VISIBLE_STD), tmp_path)
     path = tmp_path / "architecture.json"
     spec = json.loads(path.read_text())
     spec["shapes"]["heads"]["backbone.model.layer.0.attention"] = HEADS + 1
@@ -446,7 +422,7 @@ def test_a_spec_asking_for_more_heads_than_the_config_is_reported(tmp_path):
 
 def test_save_requires_the_classifier():
     with pytest.raises(TypeError, match="PCamClassifier"):
-        architecture_spec(make_model().backbone)
+        architecture_spec(tiny_model(std=VISIBLE_STD).backbone)
 
 
 # --- the real ViT-S/16 shape -----------------------------------------------------------------------
@@ -469,8 +445,7 @@ def test_vits16_parameter_count_and_compression():
 
 
 def test_gated_mlp_prunes_its_gate_too_and_roundtrips(tmp_path):
-    gated = {**TINY, "use_gated_mlp": True}
-    model = build_model({"name_or_path": None, "architecture": "tiny", "config": gated}).eval()
+    model = tiny_model(use_gated_mlp=True)
     report = prune_mlp_neurons(model, 0.5)
     mlp = layers(model)[0].mlp
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == report[0]["after"] < WIDTH
@@ -479,7 +454,7 @@ def test_gated_mlp_prunes_its_gate_too_and_roundtrips(tmp_path):
 
 
 def test_bare_backbone_is_accepted():
-    backbone = make_model().backbone
+    backbone = tiny_model(std=VISIBLE_STD).backbone
     report = prune_mlp_neurons(backbone, 0.5)
     assert report[0]["layer"] == "model.layer.0.mlp"
 
@@ -487,7 +462,7 @@ def test_bare_backbone_is_accepted():
 @pytest.mark.parametrize("nonzero,replaced", [(16, False), (15, True)])
 def test_svd_break_even_is_not_a_saving(nonzero: int, replaced: bool):
     # q_proj is 32×32 (1024 weights); rank r costs r·(32 + 32): at r = 16 exactly as much, so it stays dense.
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     weight = matrix_with_singular_values([1.0] * nonzero, HIDDEN, HIDDEN)
     with torch.no_grad():
         for layer in layers(model):

@@ -8,10 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_compress import HEAD_DIM, HIDDEN, LAYERS, WIDTH, images, layers, logits, make_model
-from test_compress import HEADS as N_HEADS
 
-from conftest import prune_plan
+from conftest import HEAD_DIM, HIDDEN, LAYERS, VISIBLE_STD, WIDTH, images, layers, logits, prune_plan, tiny_model
+from conftest import HEADS as N_HEADS
 from pcamx.compress.blocks import BLOCKS, block_change, keep_blocks
 from pcamx.compress.budget import compress_to_budget, unit_count
 from pcamx.compress.chain import run_plan
@@ -51,7 +50,7 @@ def recorded_inputs(model, module_of, batches) -> list[list[torch.Tensor]]:
 
 
 def test_activation_scores_equal_a_hand_computation() -> None:
-    model, batches = make_model(), calibration()
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
     heads = activation(model, HEADS, batches)
     mlp = activation(model, MLP, batches)
     o_inputs = recorded_inputs(model, lambda layer: layer.attention.o_proj, batches)
@@ -70,7 +69,7 @@ def test_activation_scores_equal_a_hand_computation() -> None:
 
 
 def test_taylor_scores_equal_a_hand_computation_and_leave_the_model_as_it_was() -> None:
-    model, batches = make_model(), calibration()
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
     model.requires_grad_(False)  # a frozen backbone (head-only / LoRA) must be scored and stay frozen
     heads, mlp = taylor(model, HEADS, batches), taylor(model, MLP, batches)
     assert not any(p.requires_grad for p in model.parameters())
@@ -101,7 +100,7 @@ def test_taylor_scores_equal_a_hand_computation_and_leave_the_model_as_it_was() 
 
 
 def test_taylor_without_labels_uses_the_models_own_predictions() -> None:
-    model, batches = make_model(), calibration()
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
     own = [(x, logits(model, x).argmax(1)) for x, _ in batches]
     unlabeled = [(x, None) for x, _ in batches]
     for name, scores in taylor(model, HEADS, unlabeled).items():
@@ -109,7 +108,7 @@ def test_taylor_without_labels_uses_the_models_own_predictions() -> None:
 
 
 def test_block_change_is_one_minus_cosine_of_each_blocks_input_and_output() -> None:
-    model, batches = make_model(), calibration()
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
     scores = block_change(model, [x for x, _ in batches])["backbone.model"]
     inputs = recorded_inputs(model, lambda layer: layer.norm1, batches)  # a block's input enters norm1
     outputs = [inputs[1][b] for b in range(len(batches))]  # block 0's output is block 1's input
@@ -133,7 +132,7 @@ def test_global_allocation_ranks_across_groups_and_never_empties_one() -> None:
 
 
 def test_global_scope_prunes_the_low_energy_block_harder() -> None:
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     with torch.no_grad():  # block 0's heads carry 100x the o_proj energy of block 1's
         layers(model)[0].attention.o_proj.weight.mul_(10)
     report = prune_units(copy.deepcopy(model), HEADS, 0.8, scope="global")
@@ -145,7 +144,7 @@ def test_global_scope_prunes_the_low_energy_block_harder() -> None:
 @pytest.mark.parametrize("criterion", ["weight", "activation", "taylor"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_tau_one_is_lossless_for_every_criterion_and_scope(criterion: str, scope: str) -> None:
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     before = logits(model)
     p = prune_plan("all", 1.0, order=("heads", "mlp", "svd", "blocks"), criterion=criterion, scope=scope,
                    calib_batches=2)
@@ -158,7 +157,7 @@ def test_tau_one_is_lossless_for_every_criterion_and_scope(criterion: str, scope
 
 
 def test_removing_a_block_equals_running_the_remaining_blocks() -> None:
-    model, x = make_model(), images()
+    model, x = tiny_model(std=VISIBLE_STD), images()
     backbone = model.backbone
     with torch.no_grad():  # by hand: embeddings → block 1 only → norm → CLS → head
         h = backbone.embeddings(x)
@@ -171,7 +170,7 @@ def test_removing_a_block_equals_running_the_remaining_blocks() -> None:
 
 
 def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> None:
-    model, batches = make_model(), calibration()
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
     scores = unit_scores(model, BLOCKS, "weight", batches)["backbone.model"]
     report = run_plan(model, prune_plan("blocks", 0.5, calib_batches=2), batches)["blocks"]
     assert report[0]["before"] == 2 and report[0]["after"] == 1
@@ -184,7 +183,7 @@ def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> N
 
 @pytest.mark.parametrize("criterion", ["activation", "taylor"])
 def test_every_data_aware_variant_reloads_with_identical_outputs(tmp_path, criterion: str) -> None:
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     run_plan(model, prune_plan("all", 0.7, order=("blocks", "heads", "mlp", "svd"), criterion=criterion, scope="global",
                          calib_batches=2), calibration())
     loaded = load_compressed(save_compressed(model, tmp_path / criterion))
@@ -199,7 +198,7 @@ def params_only(model) -> dict[str, float]:
 
 
 def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     full = count_params(model)
     limit = full - 40 * (2 * HIDDEN + 1) - 7  # room for 40 fewer neurons, less a few parameters
     p = prune_plan("mlp", target_params=limit)
@@ -217,7 +216,7 @@ def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
 
 
 def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing() -> None:
-    model = make_model()
+    model = tiny_model(std=VISIBLE_STD)
     full = count_params(model)
     _, _, found = compress_to_budget(model, prune_plan("all", target_ratio=0.75), lambda m: {"gflops": count_params(m),
                                                                                     "params": count_params(m)})
@@ -235,7 +234,7 @@ def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing
 
 def test_an_unreachable_budget_fails_with_the_smallest_reachable_cost() -> None:
     with pytest.raises(ValueError, match=r"out of reach: the smallest model .* has \d+ params"):
-        compress_to_budget(make_model(), prune_plan("heads", target_params=1000), params_only)
+        compress_to_budget(tiny_model(std=VISIBLE_STD), prune_plan("heads", target_params=1000), params_only)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -253,7 +252,7 @@ def test_a_layer_factorized_counts_fewer_units_than_the_dense_one() -> None:
     # whose layers went back to dense would look smaller than one with factorized layers.
     from pcamx.compress.svd import SVD_TARGETS, truncated_svd
 
-    dense, factorized = make_model(), make_model()
+    dense, factorized = tiny_model(std=VISIBLE_STD), tiny_model(std=VISIBLE_STD)
     truncated_svd(factorized, 0.3, SVD_TARGETS)
     p = prune_plan("svd", 0.3, svd_targets="all")
     low = unit_count(factorized, p)

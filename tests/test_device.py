@@ -14,28 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MODEL, compose_config, fast_overrides, method_config
+from conftest import compose_config, fast_overrides, method_config, tiny_model
 from pcamx import pipeline
 from pcamx.data import device_loader
 from pcamx.data.device_loader import to_device
 from pcamx.data.transforms import ColorJitter
 from pcamx.evaluation.evaluate import predict_batch
 from pcamx.evaluation.footprint import gflops, latency_ms, throughput_ips
-from pcamx.model import PCamClassifier, build_model
+from pcamx.model import PCamClassifier
 from pcamx.training.loop import train_step
 from pcamx.training.methods import METHODS, apply_method
 from pcamx.training.optim import build_optimizer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 JITTER = ColorJitter(0.1, 0.1, 0.1, 0.03)
-
-
-def tiny(seed: int = 0) -> PCamClassifier:
-    torch.manual_seed(seed)
-    model = build_model(TINY_MODEL)
-    with torch.no_grad():  # spread the logits, so that comparisons can fail
-        model.head.weight.normal_(0.0, 1.0)
-    return model
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +38,7 @@ def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def one_step(method: str, device: torch.device, precision: str) -> tuple[PCamClassifier, dict, torch.Tensor]:
     """One optimizer step of `method`; returns the model, its parameters before, and the head's output dtype."""
-    model = tiny()
+    model = tiny_model(head_std=1.0)
     groups = apply_method(model, method_config(method, **({"r": 4, "alpha": 8} if method == "lora" else {})), 1e-2,
                           1e-4)
     model.to(device).train()
@@ -125,7 +117,7 @@ def test_compiled_train_step_equals_eager() -> None:
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = tiny()
+        model = tiny_model(head_std=1.0)
         groups = apply_method(model, method_config("fullft"), 1e-3, 1e-4)
         model.to(CUDA).train()
         optimizer = build_optimizer(groups, CUDA, 1e-3)
@@ -168,7 +160,7 @@ def test_pinned_prefetch_delivers_every_batch_in_order_and_reuses_two_buffers(mo
 @pytest.mark.cuda
 @pytest.mark.parametrize("views", [1, 6, 8])
 def test_tta_on_cuda_equals_the_cpu(views: int) -> None:
-    model = tiny().eval()
+    model = tiny_model(head_std=1.0).eval()
     images, _ = batch(12)
     on_cpu = predict_batch(model, images, 48, views)
     on_gpu = predict_batch(copy.deepcopy(model).to(CUDA), images.to(CUDA), 48, views).cpu()
@@ -179,7 +171,7 @@ def test_tta_on_cuda_equals_the_cpu(views: int) -> None:
 
 @pytest.mark.cuda
 def test_footprint_and_speed_on_cuda() -> None:
-    model = tiny().eval()
+    model = tiny_model(head_std=1.0).eval()
     assert gflops(model, 32, device="cuda") == gflops(model, 32)
     model.to(CUDA)
     x = torch.randn(4, 3, 32, 32, device=CUDA)

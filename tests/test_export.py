@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_ARCH
+from conftest import tiny_model
 from pcamx import export
 from pcamx.checkpoint import CheckpointError, save_checkpoint
 from pcamx.compress.chain import compress
@@ -19,7 +19,6 @@ from pcamx.compress.spec import save_compressed
 from pcamx.compress.surgery import LowRankLinear
 from pcamx.data.synthetic import generate_split
 from pcamx.evaluation.evaluate import predict_batch
-from pcamx.model import architecture, build_classifier
 
 WHY = "ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[export]'"
 onnx = pytest.importorskip("onnx", reason=WHY)
@@ -27,11 +26,6 @@ pytest.importorskip("onnxscript", reason=WHY)
 ort = pytest.importorskip("onnxruntime", reason=WHY)
 
 THRESHOLDS = {"0.5": 0.5, "youden": 0.4375, "val95spec": 0.71875}
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_classifier(architecture("tiny", **TINY_ARCH)).eval()
 
 
 def points(resolution: int, views: int) -> dict:
@@ -56,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def compressed_checkpoint(tmp_path_factory) -> Path:
     """Heads + MLP + SVD on the tiny model: layer 0 keeps 1 head, layer 1 both; low-rank linears. Run at
     112 px (an enlarging resize) with 1 view."""
-    model = tiny_model(1)
+    model = tiny_model(1, num_attention_heads=2)
     with torch.no_grad():  # head 1 of layer 0 holds almost no o_proj energy: only there is it pruned
         attention_blocks(model)[0][1].o_proj.weight[:, 16:] *= 0.05
     compress(model, "all", {"heads": 0.89, "mlp": 0.9, "svd": 0.5})

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import DINOv3ViTModel
 
+from conftest import tiny_model
 from pcamx.evaluation.footprint import count_params, gflops, latency_ms, memory_mb, throughput_ips
 from pcamx.model import PCamClassifier, architecture
 
@@ -33,9 +34,7 @@ def vits16() -> PCamClassifier:
 
 @pytest.fixture
 def tiny() -> PCamClassifier:
-    torch.manual_seed(0)
-    cfg = architecture("tiny", num_hidden_layers=1, image_size=32)
-    return PCamClassifier(DINOv3ViTModel(cfg), cfg.hidden_size)
+    return tiny_model(num_hidden_layers=1)
 
 
 def test_params_vits16(vits16):

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_report import PNG_MAGIC, REFERENCE, make_run, metrics, read_csv, table_rows
 
+from conftest import PNG_MAGIC, REFERENCE, make_run, read_csv, run_metrics, table_rows
 from pcamx.report.frontier import frontier_data
 from pcamx.report.reference_table import method_label
 from pcamx.report.runs import collect_runs, format_pruning, pareto_optimal
@@ -110,9 +110,10 @@ def test_seed_groups_are_marked_by_their_means(tmp_path: Path) -> None:
     # beats the mean though not the better seed; the svd run: 0.93 at 4 GFLOPs, cheaper: optimal.
     heads = new_prune("heads", tau={"heads": 0.9})
     for job, (seed, auroc) in enumerate(((1, 0.90), (2, 0.98))):
-        make_run(root, str(job), ["prune=heads", f"seed={seed}"], metrics("lora", prune=heads, gflops=5.0, auroc=auroc))
-    make_run(root, "2", ["prune=mlp", "seed=1"], metrics("lora", prune=new_prune("mlp"), gflops=5.0, auroc=0.95))
-    make_run(root, "3", ["prune=svd", "seed=1"], metrics("lora", prune=new_prune("svd"), gflops=4.0, auroc=0.93))
+        make_run(root, str(job), ["prune=heads", f"seed={seed}"],
+                 run_metrics("lora", prune=heads, gflops=5.0, auroc=auroc))
+    make_run(root, "2", ["prune=mlp", "seed=1"], run_metrics("lora", prune=new_prune("mlp"), gflops=5.0, auroc=0.95))
+    make_run(root, "3", ["prune=svd", "seed=1"], run_metrics("lora", prune=new_prune("svd"), gflops=4.0, auroc=0.93))
     # Failed after it was scored (say, while saving): its numbers are no trade-off anyone can use.
     make_run(root, "4", ["prune=svd", "seed=2", "train.lr=1e9"],
              {"status": "failed", "error": "disk full", "gflops": 1.0, "auroc": 0.99})
@@ -126,7 +127,7 @@ def test_seed_groups_are_marked_by_their_means(tmp_path: Path) -> None:
 
 def test_no_pareto_column_without_an_ok_run_with_both_numbers(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
-    make_run(root, "0", ["method=lora"], metrics("lora", gflops=None))
+    make_run(root, "0", ["method=lora"], run_metrics("lora", gflops=None))
     make_run(root, "1", ["method=fullft"], None)
     (root / run_files.FRONTIER).write_bytes(PNG_MAGIC)  # an earlier table's figure: it no longer matches
     _, paths = summarize([root], root)
@@ -140,8 +141,8 @@ def test_no_pareto_column_without_an_ok_run_with_both_numbers(tmp_path: Path) ->
 
 def test_resolution_has_its_own_column_even_when_it_varies(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
-    make_run(root, "0", ["data.resolution=224"], metrics("lora", resolution=224, gflops=4.6))
-    make_run(root, "1", ["data.resolution=112"], metrics("lora", resolution=112, gflops=1.2, auroc=0.93))
+    make_run(root, "0", ["data.resolution=224"], run_metrics("lora", resolution=224, gflops=4.6))
+    make_run(root, "1", ["data.resolution=112"], run_metrics("lora", resolution=112, gflops=1.2, auroc=0.93))
     make_run(root, "2", ["data.resolution=160"], None, config={"data": {"resolution": 160}})
     _, paths = summarize([root], root)
     md = paths["md"].read_text()
@@ -158,10 +159,10 @@ def test_csv_has_the_compression_plan_of_every_form(tmp_path: Path) -> None:
                        budget={"target_ratio": 0.6},
                        achieved={"gflops": 5.1, "params": 14.2e6, "gflops_ratio": 0.59, "params_ratio": 0.66})
     make_run(root, "0", ["prune=all", "prune.target_ratio=0.6", "prune.criterion=activation", "prune.scope=global"],
-             metrics("lora", prune=budget, gflops=5.1))
-    make_run(root, "1", ["prune=heads"], metrics("lora", prune={"method": "heads", "tau_heads": 0.89,
+             run_metrics("lora", prune=budget, gflops=5.1))
+    make_run(root, "1", ["prune=heads"], run_metrics("lora", prune={"method": "heads", "tau_heads": 0.89,
                                                                 "tau_mlp": None, "tau_svd": None}))
-    make_run(root, "2", ["prune=blocks"], metrics("lora", prune=new_prune("blocks", tau={"blocks": 0.8})))
+    make_run(root, "2", ["prune=blocks"], run_metrics("lora", prune=new_prune("blocks", tau={"blocks": 0.8})))
     _, paths = summarize([root], root)
     rows = {r["job"]: r for r in read_csv(paths["csv"])}
     assert (rows["0"]["tau_heads"], rows["0"]["tau_svd"], rows["0"]["prune_criterion"], rows["0"]["prune_scope"]) == (
@@ -210,8 +211,8 @@ def frontier_sweep(root: Path) -> Path:
     for job, prune, gflops, auroc, ci in runs:
         values = {"ci95": {"auroc": ci}} if ci else {}
         make_run(root, job, [f"prune={prune['method']}", f"prune.criterion={prune['criterion']}"],
-                 metrics("lora", prune=prune, gflops=gflops, auroc=auroc, reference=ref, **values))
-    make_run(root, "5", ["prune=none"], metrics("lora", gflops=8.0, auroc=0.96))
+                 run_metrics("lora", prune=prune, gflops=gflops, auroc=auroc, reference=ref, **values))
+    make_run(root, "5", ["prune=none"], run_metrics("lora", gflops=8.0, auroc=0.96))
     make_run(root, "6", ["prune=heads", "train.lr=1e9"], {"status": "failed", "error": "nan"})
     return root
 
@@ -241,12 +242,12 @@ def test_frontier_series_points_and_pareto_marks(tmp_path: Path) -> None:
 def test_frontier_splits_what_differs_and_uses_seed_means(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     heads = new_prune("heads", tau={"heads": 0.9})
-    make_run(root, "0", ["res=224", "seed=1"], metrics("lora", prune=heads, resolution=224, gflops=4.0, auroc=0.90))
-    make_run(root, "1", ["res=224", "seed=2"], metrics("lora", prune=heads, resolution=224, gflops=4.0, auroc=0.94))
-    make_run(root, "2", ["res=112", "seed=1"], metrics("lora", prune=heads, resolution=112, gflops=1.0, auroc=0.85,
+    make_run(root, "0", ["res=224", "seed=1"], run_metrics("lora", prune=heads, resolution=224, gflops=4.0, auroc=0.90))
+    make_run(root, "1", ["res=224", "seed=2"], run_metrics("lora", prune=heads, resolution=224, gflops=4.0, auroc=0.94))
+    make_run(root, "2", ["res=112", "seed=1"], run_metrics("lora", prune=heads, resolution=112, gflops=1.0, auroc=0.85,
                                                        ci95={"auroc": [0.80, 0.88]}))
     make_run(root, "3", ["res=112", "quant=int8", "seed=1"],
-             metrics("lora", quant="int8", eval_precision="int8-dynamic", prune=heads, resolution=112,
+             run_metrics("lora", quant="int8", eval_precision="int8-dynamic", prune=heads, resolution=112,
                      gflops=1.0, auroc=0.84))
     data = frontier_data(collect_runs([root]))
     series = {s.label: s.points for s in data.series}

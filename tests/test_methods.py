@@ -7,14 +7,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from conftest import TINY_MODEL, method_config
-from pcamx.model import PCamClassifier, build_model
+from conftest import method_config, tiny_model
 from pcamx.training.methods import apply_method, merge_lora, plain_state_dict
-
-
-def tiny() -> PCamClassifier:
-    torch.manual_seed(0)
-    return build_model(TINY_MODEL)
 
 
 def trainable(model: nn.Module) -> set[str]:
@@ -26,7 +20,7 @@ def grouped(groups: list[dict]) -> set[int]:
 
 
 def test_head_only_trains_only_the_head() -> None:
-    model = tiny()
+    model = tiny_model()
     groups = apply_method(model, method_config("head_only", train_norms_bias="none"), 1e-3, 1e-4)
     assert trainable(model) == {"head.weight", "head.bias"}
     assert grouped(groups) == {id(p) for p in model.head.parameters()}
@@ -34,7 +28,7 @@ def test_head_only_trains_only_the_head() -> None:
 
 @pytest.mark.parametrize("which", ["norms", "bias", "both"])
 def test_head_only_with_norms_and_biases(which: str) -> None:
-    model = tiny()
+    model = tiny_model()
     groups = apply_method(model, method_config("head_only", train_norms_bias=which, lr_norms_bias=5e-5), 1e-3, 0)
     names = trainable(model) - {"head.weight", "head.bias"}
     norm_names = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
@@ -51,7 +45,7 @@ def test_head_only_with_norms_and_biases(which: str) -> None:
 
 
 def test_lora_trains_only_adapters_and_head() -> None:
-    model = tiny()
+    model = tiny_model()
     groups = apply_method(model, method_config("lora", r=4, alpha=8, lr_lora=2e-4, lr_head=1e-3), 5e-4, 0.0)
     assert isinstance(model.backbone, PeftModel)
     names = trainable(model)
@@ -64,7 +58,7 @@ def test_lora_trains_only_adapters_and_head() -> None:
 
 
 def test_lora_include_mlp_and_norms_bias() -> None:
-    model = tiny()
+    model = tiny_model()
     apply_method(model, method_config("lora", include_mlp=True, train_norms_bias="norms"), 1e-3, 0.0)
     names = trainable(model)
     assert any(".up_proj.lora_A" in n for n in names) and any(".down_proj.lora_B" in n for n in names)
@@ -73,7 +67,7 @@ def test_lora_include_mlp_and_norms_bias() -> None:
 
 
 def test_lora_merge_leaves_outputs_unchanged() -> None:
-    model = tiny()
+    model = tiny_model()
     apply_method(model, method_config("lora", r=4, alpha=8, include_mlp=True), 1e-3, 0.0)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -83,18 +77,18 @@ def test_lora_merge_leaves_outputs_unchanged() -> None:
     x = torch.randn(3, 3, 48, 48)
     with torch.inference_mode():
         before = model(x)
-        plain = build_model(TINY_MODEL).eval()
+        plain = tiny_model(1)
         plain.load_state_dict(plain_state_dict(model))  # the checkpoint format: no peft needed to load
         from_ckpt = plain(x)
         merged = merge_lora(model)(x)
     assert not isinstance(model.backbone, PeftModel)
     torch.testing.assert_close(merged, before, atol=1e-5, rtol=0)
     torch.testing.assert_close(from_ckpt, before, atol=1e-5, rtol=0)
-    assert not torch.allclose(before, build_model(TINY_MODEL).eval()(x), atol=1e-3)  # adapters mattered
+    assert not torch.allclose(before, tiny_model(1)(x), atol=1e-3)  # adapters mattered
 
 
 def test_fullft_trains_everything_with_two_learning_rates() -> None:
-    model = tiny()
+    model = tiny_model()
     groups = apply_method(model, method_config("fullft", lr_head=1e-3, lr_backbone=1e-5), 5e-4, 0.05)
     assert trainable(model) == {n for n, _ in model.named_parameters()}
     assert {g["lr"] for g in groups} == {1e-3, 1e-5}
@@ -106,19 +100,19 @@ def test_fullft_trains_everything_with_two_learning_rates() -> None:
 
 
 def test_unset_learning_rates_fall_back_to_train_lr() -> None:
-    groups = apply_method(tiny(), method_config("lora", lr_head=None, lr_lora=None), 7e-4, 0.0)
+    groups = apply_method(tiny_model(), method_config("lora", lr_head=None, lr_lora=None), 7e-4, 0.0)
     assert {g["lr"] for g in groups} == {7e-4}
 
 
 def test_unknown_method_and_norms_bias_choice_are_rejected() -> None:
     with pytest.raises(ValueError, match="head_only"):
-        apply_method(tiny(), method_config("lora", name="prompt_tuning"), 1e-3, 0.0)
+        apply_method(tiny_model(), method_config("lora", name="prompt_tuning"), 1e-3, 0.0)
     with pytest.raises(ValueError, match="none"):
-        apply_method(tiny(), method_config("head_only", train_norms_bias="all"), 1e-3, 0.0)
+        apply_method(tiny_model(), method_config("head_only", train_norms_bias="all"), 1e-3, 0.0)
 
 
 def test_default_decay_skips_1d_and_token_tensors_and_decay_all_params_decays_everything() -> None:
-    model = tiny()
+    model = tiny_model()
     default = {id(p): g["weight_decay"] for g in apply_method(model, method_config("fullft"), 1e-3, 0.05)
                for p in g["params"]}
     named = dict(model.named_parameters())
@@ -128,13 +122,13 @@ def test_default_decay_skips_1d_and_token_tensors_and_decay_all_params_decays_ev
     assert decayed == {n for n in named if n.endswith(("_proj.weight", "patch_embeddings.weight", "head.weight"))}
     for name, p in named.items():
         assert default[id(p)] == (0.05 if name in decayed else 0.0), name
-    everything = {id(p): g["weight_decay"] for g in apply_method(tiny(), method_config("fullft"), 1e-3, 0.05, True)
-                  for p in g["params"]}
+    groups = apply_method(tiny_model(), method_config("fullft"), 1e-3, 0.05, True)
+    everything = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert set(everything.values()) == {0.05} and len(everything) == len(named)
 
 
 def test_per_group_weight_decay_overrides_train_weight_decay() -> None:
-    model = tiny()
+    model = tiny_model()
     cfg = method_config("lora", wd_lora=0.0, wd_norms_bias=0.3, wd_head=None, train_norms_bias="both")
     groups = apply_method(model, cfg, 1e-3, 0.01, decay_all_params=True)
     by_name = {g["name"]: g["weight_decay"] for g in groups}
@@ -142,14 +136,14 @@ def test_per_group_weight_decay_overrides_train_weight_decay() -> None:
 
 
 def test_lora_a_std_draws_a_from_a_normal_and_leaves_b_zero() -> None:
-    model = tiny()
+    model = tiny_model()
     apply_method(model, method_config("lora", r=8, alpha=16, include_mlp=True, lora_a_std=0.02), 1e-3, 0.0)
     named = dict(model.backbone.named_parameters())
     a = torch.cat([p.flatten() for n, p in named.items() if "lora_A" in n])
     assert a.std().item() == pytest.approx(0.02, rel=0.05) and abs(a.mean().item()) < 1e-3
     assert all(not p.any() for n, p in named.items() if "lora_B" in n)
     # peft's default (Kaiming-uniform) is bounded by 1/sqrt(fan_in), far wider than 0.02 for fan_in 32.
-    default = tiny()
+    default = tiny_model()
     apply_method(default, method_config("lora", r=8, alpha=16), 1e-3, 0.0)
     a_default = torch.cat([p.flatten() for n, p in default.backbone.named_parameters() if "lora_A" in n])
     assert a_default.std().item() > 0.05
@@ -157,7 +151,7 @@ def test_lora_a_std_draws_a_from_a_normal_and_leaves_b_zero() -> None:
 
 def test_lora_output_is_base_plus_alpha_over_r_times_b_of_a() -> None:
     # alpha 12 with r 4: scaling 3, which peft's default (alpha 8 → 2) would not give.
-    model = tiny()
+    model = tiny_model()
     apply_method(model, method_config("lora", r=4, alpha=12, dropout=0.0), 1e-3, 0.0)
     layer = model.backbone.base_model.model.model.layer[0].attention.q_proj
     torch.manual_seed(3)

@@ -7,22 +7,11 @@ import copy
 import pytest
 import torch
 
+from conftest import tiny_model
 from pcamx.compress.chain import compress
 from pcamx.compress.quant import quantize
-from pcamx.model import PCamClassifier, build_model
 
-TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=32)
 CPU = torch.device("cpu")
-
-
-def make_model() -> PCamClassifier:
-    torch.manual_seed(0)
-    model = build_model({"name_or_path": None, "architecture": "tiny", "config": TINY}).eval()
-    # The default init (std 0.02) gives logits near 0 and probabilities near 0.5 whatever the precision;
-    # a unit-scale head spreads them out so the comparison can fail.
-    with torch.no_grad():
-        model.head.weight.normal_(0.0, 1.0)
-    return model
 
 
 def images() -> torch.Tensor:
@@ -35,13 +24,13 @@ def probabilities(model: torch.nn.Module, device: torch.device = CPU) -> torch.T
 
 
 def test_none_moves_and_leaves_outputs_unchanged():
-    model = make_model()
+    model = tiny_model(head_std=1.0)
     expected = probabilities(model)
     torch.testing.assert_close(probabilities(quantize(model, "none", CPU)), expected, atol=0, rtol=0)
 
 
 def test_bf16_runs_in_bf16_and_stays_close_to_f32():
-    model = make_model()
+    model = tiny_model(head_std=1.0)
     expected = probabilities(model)
     quantized = quantize(copy.deepcopy(model), "bf16", CPU)
     head_inputs = []
@@ -61,7 +50,7 @@ def test_bf16_runs_in_bf16_and_stays_close_to_f32():
 
 def test_int8_on_cpu_is_dynamic_and_stays_close_to_f32():
     pytest.importorskip("torchao")
-    model = make_model()
+    model = tiny_model(head_std=1.0)
     compress(model, "all", {"heads": 0.9, "mlp": 0.9, "svd": 0.5})  # quantizing must also cover LowRankLinear's halves
     expected = probabilities(model)
     quantized = quantize(model, "int8", CPU)
@@ -74,11 +63,11 @@ def test_int8_on_cpu_is_dynamic_and_stays_close_to_f32():
 
 def test_unknown_mode_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed: none, bf16, int8"):
-        quantize(make_model(), "fp8", CPU)
+        quantize(tiny_model(head_std=1.0), "fp8", CPU)
 
 
 def test_int8_off_cpu_and_cuda_is_refused_before_anything_moves():
-    model = make_model()
+    model = tiny_model(head_std=1.0)
     with pytest.raises(ValueError, match="quant=int8 runs on cpu or cuda, not mps"):
         quantize(model, "int8", torch.device("mps"))
     assert next(model.parameters()).device == CPU
@@ -87,14 +76,14 @@ def test_int8_off_cpu_and_cuda_is_refused_before_anything_moves():
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine really has an MPS device")
 def test_bf16_on_an_unusable_device_is_refused():
     with pytest.raises(RuntimeError, match="quant=bf16 is not supported on mps"):
-        quantize(make_model(), "bf16", torch.device("mps"))
+        quantize(tiny_model(head_std=1.0), "bf16", torch.device("mps"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine really has CUDA")
 @pytest.mark.parametrize("mode", ["none", "bf16", "int8"])
 def test_cuda_without_cuda_is_refused(mode):
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        quantize(make_model(), mode, torch.device("cuda"))
+        quantize(tiny_model(head_std=1.0), mode, torch.device("cuda"))
 
 
 @pytest.mark.cuda
@@ -102,7 +91,7 @@ def test_cuda_without_cuda_is_refused(mode):
 def test_cuda_modes_stay_close_to_f32(mode, atol):
     if mode == "int8":
         pytest.importorskip("torchao")
-    model = make_model()
+    model = tiny_model(head_std=1.0)
     expected = probabilities(model)
     cuda = torch.device("cuda")
     torch.testing.assert_close(probabilities(quantize(model, mode, cuda), cuda), expected, atol=atol, rtol=0)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import statistics
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import CONF, PNG_MAGIC, REFERENCE, make_run, read_csv, run_metrics, table_rows
 from pcamx.report import callback as callback_module
 from pcamx.report.__main__ import main as cli
 from pcamx.report.callback import SweepSummaryCallback, log_to_wandb
@@ -20,50 +18,21 @@ from pcamx.report.format import format_cell
 from pcamx.report.runs import collect_runs, format_pruning
 from pcamx.report.summary import summarize, write_summary
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CONTEXT = {"data": "synthetic", "model": "dinov3_tiny", "tta": True, "tta_views": 8, "resolution": 32, "n_test": 64}
-REFERENCE = {"params": 21_600_000, "gflops": 4.61, "memory_mb": 82.4, "auroc": 0.9540, "auprc": 0.95,
-             "sens_at_95spec": 0.8, "ece": 0.03, "brier": 0.07, "acc": 0.9, "nll": 0.25}
-
-
-def metrics(method: str, quant: str = "none", prune: dict | None = None, **values) -> dict:
-    return {"status": "ok", **REFERENCE, **CONTEXT, "method": method, "quant": quant,
-            "prune": prune or {"method": "none", "tau_heads": None, "tau_mlp": None, "tau_svd": None}, **values}
-
-
-def make_run(root: Path, job: str, overrides: list[str], metrics_json: dict | None,
-             config: dict | None = None, seed: int = 0) -> Path:
-    run_dir = root / job
-    (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    if config is not None:
-        (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    if metrics_json is not None:
-        (run_dir / "metrics.json").write_text(json.dumps({**metrics_json, "run_dir": str(run_dir)}))
-    if metrics_json is not None and metrics_json.get("status") == "ok":
-        rng = np.random.default_rng(seed)
-        labels = rng.integers(0, 2, 64)
-        probs = np.clip(0.35 * labels + 0.65 * rng.random(64), 0, 1)
-        rows = "".join(f"{i},{y},{p:.8f}\n" for i, (y, p) in enumerate(zip(labels, probs, strict=True)))
-        (run_dir / "predictions.csv").write_text("index,label,prob\n" + rows)
-    return run_dir
-
 
 def make_sweep(root: Path, failing: bool = True) -> Path:
     """Jobs 0-3 ok (two uncompressed references, two compressed lora runs), 4 failed, 5 missing."""
     heads = {"method": "heads", "tau_heads": 0.89, "tau_mlp": None, "tau_svd": None}
-    make_run(root, "0", ["method=lora", "debug=fast"], metrics("lora"), seed=0)
+    make_run(root, "0", ["method=lora", "debug=fast"], run_metrics("lora"), seed=0)
     # Its own reference (the same trained model before pruning) and the changes the pipeline wrote:
     # params (20.08M - 21.6M) / 21.6M = -7.037 %, AUROC (0.9512 - 0.9540) / 0.9540 = -0.2935 %.
     change = {"params": -7.037, "gflops": 0.0, "memory_mb": 0.0, "auroc": -0.294}
     make_run(root, "1", ["method=lora", "prune=heads", "prune.tau=0.89", "debug=fast"],
-             metrics("lora", prune=heads, params=20_080_000, auroc=0.9512,
+             run_metrics("lora", prune=heads, params=20_080_000, auroc=0.9512,
                      reference={**REFERENCE, "change_pct": change}), seed=1)
     make_run(root, "2", ["method=lora", "quant=int8", "debug=fast"],
-             metrics("lora", quant="int8", memory_mb=21.0, eval_precision="int8-dynamic",
+             run_metrics("lora", quant="int8", memory_mb=21.0, eval_precision="int8-dynamic",
                      reference={**REFERENCE, "change_pct": {"memory_mb": -74.515}}), seed=2)
-    make_run(root, "3", ["method=fullft", "debug=fast"], metrics("fullft", params=21_700_000), seed=3)
+    make_run(root, "3", ["method=fullft", "debug=fast"], run_metrics("fullft", params=21_700_000), seed=3)
     if failing:
         make_run(root, "4", ["method=fullft", "prune=all", "prune.tau=0.9", "debug=fast", "train.lr=1e9"],
                  {"status": "failed", "error": "FloatingPointError: loss is nan | at step 3\n" + "x" * 200,
@@ -75,16 +44,6 @@ def make_sweep(root: Path, failing: bool = True) -> Path:
                  config={"method": {"name": "head_only"}, "eval": {"tta": True}})
     (root / "multirun.yaml").write_text("not read: the launcher may have died before writing a true one\n")
     return root
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def table_rows(md: str) -> list[list[str]]:
-    rows = [line for line in md.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows]
 
 
 @pytest.fixture
@@ -102,7 +61,7 @@ def test_collect_finds_every_job_in_job_order(sweep: Path) -> None:
 
 def test_jobs_sort_as_numbers(tmp_path: Path) -> None:
     for job in ("10", "9", "2"):
-        make_run(tmp_path, job, [f"seed={job}"], metrics("lora"))
+        make_run(tmp_path, job, [f"seed={job}"], run_metrics("lora"))
     assert [r.job for r in collect_runs([tmp_path])] == ["2", "9", "10"]
 
 
@@ -278,8 +237,8 @@ def test_runs_that_differ_only_in_seed_share_a_row_with_mean_sd_and_n(tmp_path: 
     root = tmp_path / "seeds"
     aurocs = {1: 0.9512, 2: 0.9540, 3: 0.9601}
     for job, (seed, auroc) in enumerate(aurocs.items()):
-        make_run(root, str(job), ["method=lora", f"seed={seed}"], metrics("lora", auroc=auroc), seed=seed)
-    make_run(root, "3", ["method=fullft", "seed=1"], metrics("fullft", auroc=0.97))
+        make_run(root, str(job), ["method=lora", f"seed={seed}"], run_metrics("lora", auroc=auroc), seed=seed)
+    make_run(root, "3", ["method=fullft", "seed=1"], run_metrics("fullft", auroc=0.97))
     runs, paths = summarize([root], root)
     header, _, *rows = table_rows(paths["md"].read_text())
     cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
@@ -298,7 +257,7 @@ def test_intervals_and_significant_differences_in_the_tables(tmp_path: Path) -> 
     ci95 = {"auroc": [0.9501, 0.9577], "acc": [0.88, 0.92]}
     paired = {"auroc": {"diff": -0.004, "ci95": [-0.006, -0.002], "p_delong": 0.001},
               "acc": {"diff": 0.001, "ci95": [-0.002, 0.004]}}
-    make_run(root, "0", ["quant=bf16"], metrics("lora", quant="bf16", auroc=0.9540, ci95=ci95,
+    make_run(root, "0", ["quant=bf16"], run_metrics("lora", quant="bf16", auroc=0.9540, ci95=ci95,
                                                   reference={**REFERENCE, "auroc": 0.958, "paired": paired,
                                                              "change_pct": {"auroc": -0.42}}))
     _, paths = summarize([root], root, ci=True)

@@ -14,8 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from conftest import CONF, REPO, TINY_MODEL
-from pcamx.model import build_model
+from conftest import CONF, REPO, tiny_model
 from pcamx.pipeline import effective_precisions
 from pcamx.report.__main__ import main as report
 from pcamx.report.format import format_change, format_value, percent_change
@@ -65,8 +64,7 @@ def lr_of(groups: list[dict]) -> dict[int, float]:
 
 def preset_groups(conf: Path, preset: str) -> tuple[torch.nn.Module, list[dict]]:
     cfg = compose_from(conf, f"experiment={preset}")
-    torch.manual_seed(0)
-    model = build_model(TINY_MODEL)
+    model = tiny_model()
     return model, apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay, cfg.train.decay_all_params)
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import tiny_model
 from pcamx.data.transforms import (
     JITTER_OPS,
     TTA_VIEWS,
@@ -23,7 +24,6 @@ from pcamx.data.transforms import (
     to_float,
 )
 from pcamx.evaluation.evaluate import predict_batch, view_count
-from pcamx.model import PCamClassifier, architecture
 
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
@@ -188,14 +188,6 @@ def test_augmented_preprocess_is_dihedral_then_jitter_then_resize() -> None:
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
 
 
-def tiny_classifier() -> PCamClassifier:
-    from transformers import DINOv3ViTModel
-
-    torch.manual_seed(0)
-    config = architecture("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    return PCamClassifier(DINOv3ViTModel(config), 32).eval()
-
-
 def test_tta_of_a_dihedral_symmetric_image_equals_plain_prediction() -> None:
     base = random_images(3)
     # Symmetrize under D4: average over the group orbit (in float, then round back to uint8).
@@ -204,7 +196,7 @@ def test_tta_of_a_dihedral_symmetric_image_equals_plain_prediction() -> None:
     sym = sym.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     for k in range(8):
         assert torch.equal(dihedral(sym.permute(0, 3, 1, 2), k), sym.permute(0, 3, 1, 2))
-    model = tiny_classifier()
+    model = tiny_model()
     plain = predict_batch(model, sym, 64, 1)
     tta = predict_batch(model, sym, 64, 8)
     torch.testing.assert_close(tta, plain, atol=1e-5, rtol=0)
@@ -229,7 +221,7 @@ REFERENCE_SIX = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 @pytest.mark.parametrize("views", sorted(TTA_VIEWS))
 def test_each_view_set_equals_a_loop_of_single_view_forwards(views: int) -> None:
     images = random_images(5, seed=1)
-    model = tiny_classifier()
+    model = tiny_model()
     batched = predict_batch(model, images, 48, views)
     names = {1: ("identity",), 6: REFERENCE_SIX, 8: tuple(TORCHVISION_VIEWS)}[views]
     nchw = images.permute(0, 3, 1, 2)
