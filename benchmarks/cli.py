@@ -1,10 +1,11 @@
-"""Command line of `python -m benchmarks`: settings per device, data, sections, bench.json, markdown."""
+"""`python -m benchmarks`: pcamx's on-device batched input pipeline, TTA, training and compressed models against
+the usual per-sample pipeline, on synthetic PCam-layout data; writes bench.json and prints markdown tables."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
+import functools
 import os
 import platform
 import subprocess
@@ -13,24 +14,25 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from benchmarks.report import evaluate_targets, render_markdown
-from benchmarks.sections import SECTIONS, Bench, Settings
+from benchmarks.sections import SECTIONS, Bench
 from pcamx.config import compose
 from pcamx.data.synthetic import ensure_synthetic
 from pcamx.model import ARCHITECTURES
 from pcamx.runtime import disk
 from pcamx.runtime.hardware import resolve_device, resolve_precision
-from pcamx.runtime.timing import sync
 
 # CPU: small batches, 6 s per figure and few forwards per compressed variant keep a vits16 run near 15 minutes on
 # 2 cores (section 4's budget searches take ~6). CUDA: pcamx's own batch sizes (conf/data/pcam.yaml).
 CPU_DEFAULTS = {"batch_size": 16, "eval_batch_size": 8, "seconds": 6.0, "forward_iters": (20, 4)}
 CUDA_DEFAULTS = {"seconds": 3.0, "forward_iters": (50, 20)}
-DATA_SIZES, QUICK_DATA_SIZES = {"train": 4096, "valid": 64, "test": 1024}, {"train": 128, "valid": 8, "test": 64}
+DATA_SIZES = {False: {"train": 4096, "valid": 64, "test": 1024}, True: {"train": 128, "valid": 8, "test": 64}}
+log = functools.partial(print, "[benchmarks]", file=sys.stderr, flush=True)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense tensor-core peak, by CUDA device name
 # Measured on the 2-core dev machine: ~50 s of compile warm-up per model, and the compiled vits16 head_only step
 # was slower than eager (3.2 s vs 0.85 s at batch 16).
@@ -38,8 +40,7 @@ CPU_COMPILE_REASON = "CPU: ~50 s compile warm-up per model exceeds the time budg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description="pcamx's on-device batched input pipeline, "
-                                "TTA, training and compressed models against the usual per-sample pipeline.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--model", choices=tuple(ARCHITECTURES), default="vits16", help="architecture (random init)")
     for flag, kind, text in (
@@ -56,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the pcamx training step too (auto: on CUDA only)")
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--data-dir", help="where the synthetic files are written or reused (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,27 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
+def resolve_settings(args: argparse.Namespace) -> SimpleNamespace:
+    """The run's settings: the flags, else per-device defaults, else pcamx's conf/ (what `python run.py` uses)."""
     device = resolve_device(args.device)
-    cfg, protocol, cuda, quick = compose(), compose("experiment=repro_compress"), device.type == "cuda", args.quick
+    cfg, cuda, quick = compose(), device.type == "cuda", args.quick
     defaults = {**CUDA_DEFAULTS, "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size} \
         if cuda else CPU_DEFAULTS
     iters = args.iters if args.iters is not None else 1 if quick else None
     name = torch.cuda.get_device_name(device) if cuda else ""
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    return Settings(
-        device=device, model=args.model, resolution=args.resolution or cfg.data.resolution,
-        batch_size=args.batch_size or defaults["batch_size"],
-        eval_batch_size=args.eval_batch_size or defaults["eval_batch_size"],
-        workers=args.workers if args.workers is not None else min(8, os.cpu_count() or 1),
+    return SimpleNamespace(
+        device=device, model=args.model, resolution=args.resolution or cfg.data.resolution,  # model: random init
+        batch_size=args.batch_size or defaults["batch_size"],  # training, pipeline and throughput batch
+        eval_batch_size=args.eval_batch_size or defaults["eval_batch_size"],  # images per TTA batch
+        workers=args.workers if args.workers is not None else min(8, os.cpu_count() or 1),  # reference DataLoader
+        # pcamx.runtime.timing.measure: samples per figure (the median reported), timed seconds per figure over all
+        # samples or fixed calls per sample, warm-up calls; section 4: timed forwards at batch 1 and batch N.
         repeats=args.repeats or (1 if quick else 3), seconds=args.duration or defaults["seconds"], calls=iters,
         warmup=args.warmup if args.warmup is not None else 1 if quick else 2,
         forward_iters=(iters, iters) if iters else defaults["forward_iters"],
-        compile_skipped={"on": None, "off": "--no-compile"}.get(args.compile, "--quick" if quick else None if cuda
-                                                                else CPU_COMPILE_REASON),
-        views=cfg.eval.tta_views,
-        # The loop at the protocol's views too on CUDA (its target); on a CPU that would double a slow section.
-        loop_views=tuple(dict.fromkeys((cfg.eval.tta_views, protocol.eval.tta_views)))[:None if cuda else 1],
+        compile_skipped={"on": None, "off": "--compile off"}.get(args.compile, "--quick" if quick else None if cuda
+                                                                 else CPU_COMPILE_REASON),  # None: compiled too
+        views=cfg.eval.tta_views,  # pcamx's TTA views
         precision=str(resolve_precision(cfg.train.precision, "train.precision", device, cfg.hardware.device)),
         peak_tflops=peak, seed=args.seed, quick=quick)
 
@@ -93,9 +94,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               platform.processor())
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or None
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
@@ -105,10 +105,6 @@ def environment(device: torch.device) -> dict[str, Any]:
             "loadavg_start": list(os.getloadavg())}
 
 
-def _log(message: str) -> None:
-    print(f"[benchmarks] {message}", file=sys.stderr, flush=True)
-
-
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, write the JSON, print the markdown; returns the result document."""
     args = build_parser().parse_args(argv)
@@ -116,40 +112,34 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown := sorted(set(wanted) - set(SECTIONS)):
         raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or threads)
     try:
         settings = resolve_settings(args)
-        meta, started, sizes = environment(settings.device), time.perf_counter(), \
-            QUICK_DATA_SIZES if args.quick else DATA_SIZES
+        meta, started, sizes = environment(settings.device), time.perf_counter(), DATA_SIZES[args.quick]  # --quick
         with tempfile.TemporaryDirectory(prefix="pcamx-bench-") as tmp:
             root = Path(args.data_dir or tmp) / "pcam"
-            _log(f"synthetic PCam-layout data in {root} ({sizes})")
-            bench, sections = Bench(settings, ensure_synthetic(root, sizes, args.seed)), {}
-            data = {"kind": "synthetic (pcamx.data.synthetic), official PCam layout", "sizes": sizes,
-                    "prepare_s": time.perf_counter() - started}
-            for name, section in SECTIONS.items():
-                if name not in wanted:
-                    sections[name] = {"skipped": "not requested (--sections)"}
-                    continue
-                _log(f"section {name} ...")
+            log(f"synthetic PCam-layout data in {root} ({sizes})")
+            bench = Bench(settings, ensure_synthetic(root, sizes, args.seed))
+            sections: dict[str, Any] = {name: {"skipped": "not requested (--sections)"} for name in SECTIONS}
+            for name, section in ((n, f) for n, f in SECTIONS.items() if n in wanted):
+                log(f"section {name} ...")
                 start = time.perf_counter()
                 try:
-                    sync(settings.device)
                     sections[name] = section(bench, sections)
                 except Exception as err:  # one failing section must not lose the others' numbers
                     sections[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-                    _log(f"section {name} failed: {type(err).__name__}: {err}")
+                    log(f"section {name} failed: {type(err).__name__}: {err}")
                 sections[name]["section_s"] = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)  # a caller in the same process (a test) gets its setting back
     meta |= {"loadavg_end": list(os.getloadavg()), "total_s": time.perf_counter() - started}
     argv = sys.argv[1:] if argv is None else argv
-    doc = {"meta": meta, "settings": {**dataclasses.asdict(settings), "sections": wanted, "argv": argv}, "data": data,
+    doc = {"meta": meta, "settings": {**vars(settings), "sections": wanted, "argv": argv},
+           "data": {"kind": "synthetic (pcamx.data.synthetic), official PCam layout", "sizes": sizes},
            "sections": sections, "targets": evaluate_targets(sections, settings.device.type)}
     disk.write_json(args.out, doc)
     print(render_markdown(doc))
-    _log(f"wrote {args.out}")
+    log(f"wrote {args.out}")
     return doc
 
 

@@ -8,8 +8,8 @@ import copy
 import gc
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -34,39 +34,13 @@ from pcamx.training.optim import build_optimizer
 EQUIVALENCE_ATOL, SPREAD_IMAGES = 1e-4, 16
 # Section 4's budgets (prune keys over the reference plan): at most a fraction of the uncompressed GFLOPs, every
 # step with one τ, units ranked across blocks, scored by the weights or by activations; and whole-block removal.
-BUDGET_RATIOS, BLOCKS_RATIO = (0.75, 0.5), 0.75
+# --quick runs the 0.75 ones only (the searches are the section's slowest part).
+BUDGETS = {f"all_r{r:g}_{c}": {"method": "all", "criterion": c, "scope": "global", "target_ratio": r}
+           for r in (0.75, 0.5) for c in ("weight", "activation")} | {
+    "blocks_r0.75": {"method": "blocks", "target_ratio": 0.75}}
 # Calibration smaller than a run's (prune.calib_batches training batches): a budget search scores the model again
 # in every trial, and 4 batches of 16 would add minutes per search on a CPU.
 CALIB_BATCHES, CALIB_BATCH_SIZE = 2, 4
-
-
-def budget_variants(quick: bool) -> dict[str, dict[str, Any]]:
-    """Name → prune keys of section 4's budget variants; --quick keeps the first ratio (the searches are slow)."""
-    out = {f"all_r{r:g}_{c}": {"method": "all", "criterion": c, "scope": "global", "target_ratio": r}
-           for r in BUDGET_RATIOS[:1 if quick else None] for c in ("weight", "activation")}
-    return out | {f"blocks_r{BLOCKS_RATIO:g}": {"method": "blocks", "target_ratio": BLOCKS_RATIO}}
-
-
-@dataclass
-class Settings:
-    device: torch.device
-    model: str  # an architecture of pcamx.model.ARCHITECTURES
-    resolution: int
-    batch_size: int  # training, pipeline and throughput batch
-    eval_batch_size: int  # images per TTA batch
-    workers: int  # reference DataLoader workers
-    repeats: int  # samples per figure (pcamx.runtime.timing.measure); the median is reported
-    seconds: float  # timed seconds per figure, all repeats
-    calls: int | None  # fixed calls per repeat instead of `seconds`
-    warmup: int
-    forward_iters: tuple[int, int]  # section 4: timed forwards for latency (batch 1) and throughput (batch N)
-    compile_skipped: str | None  # why the training step is not also compiled; None: it is
-    views: int  # pcamx's TTA views (conf eval.tta_views)
-    loop_views: tuple[int, ...]  # view counts of the reference loop (and of pcamx fp32, like for like)
-    precision: str  # pcamx's train/eval precision on this device (conf hardware, resolved)
-    peak_tflops: float | None
-    seed: int
-    quick: bool
 
 
 def compare(pcamx: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -76,24 +50,18 @@ def compare(pcamx: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
             "ratio": pcamx["images_per_s"] / reference["images_per_s"] if both else None}
 
 
-def release(device: torch.device) -> None:
-    """Hand cached CUDA memory back between figures."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 class Bench:
     """Settings, the reference protocol's config, and the in-memory splits every section shares."""
 
-    def __init__(self, settings: Settings, root: Path):
+    def __init__(self, settings: SimpleNamespace, root: Path):
+        """`settings`: what benchmarks.cli.resolve_settings resolved (each field is described there)."""
         self.s, self.root = settings, root
         # The reference protocol (jitter, label smoothing, clipping, τ per step), as `python run.py` composes it.
         self.protocol = compose("experiment=repro_compress")
         self.jitter = OmegaConf.to_container(self.protocol.data.jitter)
         self.splits = {name: PCamSplit.load(root, name) for name in ("train", "test")}
         for name, batch in (("train", settings.batch_size), ("test", settings.eval_batch_size)):
-            if len(self.splits[name]) < batch:
+            if len(self.splits[name]) < batch:  # drop_last batches of an endless loop would spin forever
                 raise ValueError(f"{name} split: {len(self.splits[name])} images, fewer than a batch ({batch})")
 
     def figure(self, fig: dict[str, Any], batch_size: int, precision: str, device: torch.device | None = None,
@@ -106,6 +74,9 @@ class Bench:
              device: torch.device | None = None, **extra: Any) -> dict[str, Any]:
         """`step` (returns the images it handled) timed by pcamx.runtime.timing.measure, with its conditions."""
         s = self.s
+        gc.collect()  # the previous figures' models, and on CUDA their cached memory, go before this one is timed
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
         timed = measure(step, device=device or s.device, warmup=max(1, s.warmup if warmup is None else warmup),
                         samples=s.repeats, calls=s.calls, seconds=s.seconds)
         return self.figure(timed.describe(), batch_size, precision, device, **extra)
@@ -126,33 +97,22 @@ class Bench:
         return to_device(endless(), device or self.s.device)
 
     @contextlib.contextmanager
-    def reference_batches(self, split: str, train: bool, batch_size: int, pin_memory: bool | None = None):
-        """An iterator over the reference DataLoader; its workers are shut down on exit."""
+    def reference_batches(self, split: str, train: bool, batch_size: int, model_bound: bool = False,
+                          device: torch.device | None = None) -> Iterator[tuple[Callable[[], tuple], int]]:
+        """(the reference DataLoader's next batch on `device` (default: the bench's), the warm-up its figures need);
+        the workers are shut down on exit. They fill their prefetch slots before the first batch is taken: a
+        consumer faster than them must drain that burst off the clock (a model step on a CPU is slower)."""
+        device = device or self.s.device
         dataset = ReferencePCamDataset(self.root, split, self.s.resolution, self.jitter if train else None)
-        pin = self.s.device.type == "cuda" if pin_memory is None else pin_memory
-        iterator = iter(reference_loader(dataset, batch_size, self.s.workers, train, pin, self.s.seed))
+        # The only reference to the loader's iterator: dropping it on exit runs the finalizer that stops the workers.
+        live = [iter(reference_loader(dataset, batch_size, self.s.workers, train, device.type == "cuda", self.s.seed))]
+        drain = not (self.s.quick or (model_bound and self.s.device.type == "cpu"))
         try:
-            yield iterator
+            yield (lambda: [t.to(device, non_blocking=True) for t in next(live[0])]), \
+                max(self.s.warmup, self.s.workers * PREFETCH_FACTOR + 1 if drain else 0)
         finally:
-            del iterator  # its finalizer stops the worker processes
+            live.clear()
             dataset.close()
-
-    def reference_warmup(self, model_bound: bool = False) -> int:
-        """The workers fill their prefetch slots before the first batch is taken: a consumer faster than them
-        must drain that burst before timing. A model step on the CPU is slower than the workers."""
-        if self.s.quick or (model_bound and self.s.device.type == "cpu"):
-            return self.s.warmup
-        return max(self.s.warmup, self.s.workers * PREFETCH_FACTOR + 1)
-
-
-def _fetch(iterator: Iterator, device: torch.device | None) -> Callable[[], int]:
-    def step() -> int:
-        x, y = next(iterator)
-        if device is not None:
-            x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return len(x)
-
-    return step
 
 
 def section_pipeline(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
@@ -169,81 +129,69 @@ def section_pipeline(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
             return len(images)
 
         pcamx = b.time(step, batch, "fp32", what="in-memory uint8 batch → device → batched preprocess")
-        with b.reference_batches(split, augment, batch) as iterator:
-            out[mode] = compare(pcamx, b.time(_fetch(iterator, s.device), batch, "fp32", b.reference_warmup(),
+        with b.reference_batches(split, augment, batch) as (fetch, warmup):
+            out[mode] = compare(pcamx, b.time(lambda fetch=fetch: len(fetch()[0]), batch, "fp32", warmup,
                                               workers=s.workers, what="DataLoader(h5py, PIL aug, processor) → device"))
     host = b.batches("train", batch, True, cpu)
     pcamx = b.time(lambda: len(next(host)[0]), batch, "uint8", device=cpu, what="shuffled uint8 batch from memory")
-    with b.reference_batches("train", True, batch, pin_memory=False) as iterator:
-        out["host"] = compare(pcamx, b.time(_fetch(iterator, None), batch, "fp32", b.reference_warmup(), cpu,
-                                            workers=s.workers, what="DataLoader workers: h5py + PIL aug + processor"))
-    out["host"]["pcamx_us_per_image"] = 1e6 / pcamx["images_per_s"]
+    with b.reference_batches("train", True, batch, device=cpu) as (fetch, warmup):
+        out["host"] = compare(pcamx, b.time(lambda: len(fetch()[0]), batch, "fp32", warmup, cpu, workers=s.workers,
+                                            what="DataLoader workers: h5py + PIL aug + processor + collate"))
     return out
 
 
 @torch.no_grad()
-def spread_head(model: PCamClassifier, images: torch.Tensor, resolution: int) -> dict[str, float]:
-    """Rescale and shift the head so that the logit margin over `images` has mean 0 and std 1: P(tumour) then
-    spreads over ~[0.1, 0.9]. A random model saturates near 0 or 1, where softmax hides every difference and
-    the equivalence check would pass whatever the views."""
-    margin = model(preprocess(images, resolution)).diff(dim=-1).squeeze(-1)
+def tta_equivalence(b: Bench, model: PCamClassifier, views: int, n: int = 8) -> dict[str, Any]:
+    """pcamx's batched TTA vs the reference loop (processor per sample, a forward per view), fp32, on `n` test
+    patches. First the head is rescaled and shifted so that the logit margin over a few patches has mean 0 and std
+    1: a random model's P(tumour) sits near 0 or 1, where softmax would hide every difference between the views."""
+    images = b.splits["test"].images
+    margin = model(preprocess(images[:SPREAD_IMAGES], b.s.resolution)).diff(dim=-1).squeeze(-1)
     mean, std = float(margin.mean()), max(float(margin.std()), 1e-6)
     model.head.weight /= std
     model.head.bias.copy_((model.head.bias + torch.tensor([mean / 2, -mean / 2])) / std)
-    return {"margin_mean": mean, "margin_std": std, "images": len(images)}
-
-
-def tta_equivalence(b: Bench, model: torch.nn.Module, views: int, n: int = 8) -> dict[str, Any]:
-    """pcamx's batched TTA vs the reference loop (processor per sample, a forward per view), fp32."""
+    model.to(b.s.device)
     dataset = ReferencePCamDataset(b.root, "test", b.s.resolution)
     x = torch.stack([dataset[i][0] for i in range(n)]).to(b.s.device)
     dataset.close()
     # No TF32 (torch's default for matmuls; cuDNN's convolutions too here): batch-size-dependent kernel choices
     # would move fp32 results by ~1e-3.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        ours = predict_batch(model, b.splits["test"].images[:n].to(b.s.device), b.s.resolution, views, "fp32").cpu()
+        ours = predict_batch(model, images[:n].to(b.s.device), b.s.resolution, views, "fp32").cpu()
         diff = float((ours - reference_tta(model, x, views).cpu()).abs().max())
     return {"images": n, "views": views, "max_abs_diff": diff, "atol": EQUIVALENCE_ATOL,
-            "passed": diff <= EQUIVALENCE_ATOL, "prob_min": float(ours.min()), "prob_max": float(ours.max())}
+            "passed": diff <= EQUIVALENCE_ATOL, "prob_min": float(ours.min()), "prob_max": float(ours.max()),
+            "head_margin_mean_std": [mean, std]}
 
 
 def section_eval(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     """2. pcamx.evaluation.evaluate.predict_batch (views stacked, one forward) against a per-view loop: pcamx in
     fp32 at each view count of the loop (like for like), and as configured (its precision) if that differs."""
-    s, device, batch = b.s, b.s.device, b.s.eval_batch_size
-    model = b.new_model().eval()
-    head = spread_head(model, b.splits["test"].images[:SPREAD_IMAGES], s.resolution)
-    model.to(device)
-    out: dict[str, Any] = {"views": s.views, "protocol_views": b.protocol.eval.tta_views, "head": head,
+    s, batch, model, protocol_views = b.s, b.s.eval_batch_size, b.new_model().eval(), b.protocol.eval.tta_views
+    # The loop at the reference protocol's views too on CUDA (its target); on a CPU that would double a slow section.
+    loop_views = tuple(dict.fromkeys((s.views, protocol_views)))[:None if s.device.type == "cuda" else 1]
+    out: dict[str, Any] = {"views": s.views, "protocol_views": protocol_views, "loop_views": loop_views,
                            "equivalence": tta_equivalence(b, model, s.views), "comparisons": {}}
-    for views in s.loop_views:
-        with b.reference_batches("test", False, batch) as iterator:
-            def loop(iterator: Iterator = iterator, views: int = views) -> int:
-                x, _ = next(iterator)
-                reference_tta(model, x.to(device, non_blocking=True), views).cpu()
-                return len(x)
-
-            reference = b.time(loop, batch, "fp32", b.reference_warmup(model_bound=True), views=views,
-                               workers=s.workers, forward_batch=batch)
+    for views in loop_views:
+        with b.reference_batches("test", False, batch, model_bound=True) as (fetch, warmup):
+            reference = b.time(lambda fetch=fetch, views=views: len(reference_tta(model, fetch()[0], views).cpu()),
+                               batch, "fp32", warmup, views=views, workers=s.workers, forward_batch=batch)
         for precision in dict.fromkeys(("fp32", s.precision) if views == s.views else ("fp32",)):
             batches = b.batches("test", batch, shuffle=False)
 
             def step(batches: Iterator = batches, views: int = views, precision: str = precision) -> int:
-                images, _ = next(batches)
-                predict_batch(model, images, s.resolution, views, precision).cpu()
-                return len(images)
+                return len(predict_batch(model, next(batches)[0], s.resolution, views, precision).cpu())
 
             out["comparisons"][f"{views} views, {precision}"] = compare(
                 b.time(step, batch, precision, views=views, forward_batch=views * batch), reference)
-    release(device)
     return out
 
 
 def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
-    """pipeline: pcamx_eager | pcamx_compiled | reference; the method set up with pcamx's defaults for it, the loss
-    and clipping of the reference protocol on both sides."""
+    """pipeline: eager | compiled | reference; the method set up with pcamx's defaults for it, the loss and
+    clipping of the reference protocol on both sides."""
     s, device, protocol = b.s, b.s.device, b.protocol.train
-    release(device)
+    torch._dynamo.reset()  # an earlier figure's compiled graphs (and what they hold) go first
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, cfg = b.new_model(), compose(f"method={method}")
@@ -251,21 +199,20 @@ def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
     model.to(device).train()
     with contextlib.ExitStack() as stack:
         if pipeline == "reference":
-            iterator = stack.enter_context(b.reference_batches("train", True, s.batch_size))
-            optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+            fetch, warmup = stack.enter_context(b.reference_batches("train", True, s.batch_size, model_bound=True))
+            optimizer, precision = torch.optim.AdamW(groups, lr=cfg.train.lr), "fp32"
 
             def step() -> int:
-                x, y = next(iterator)
-                reference_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                               protocol.label_smoothing, protocol.grad_clip)
+                x, y = fetch()
+                reference_step(model, optimizer, x, y, protocol.label_smoothing, protocol.grad_clip)
                 return len(x)
-
-            warmup, precision = b.reference_warmup(model_bound=True), "fp32"
         else:
-            optimizer = build_optimizer(groups, device, cfg.train.lr)  # as pcamx.training.loop does
-            forward = torch.compile(model) if pipeline == "pcamx_compiled" else model
+            optimizer, precision = build_optimizer(groups, device, cfg.train.lr), s.precision  # as the loop does
+            forward = torch.compile(model) if pipeline == "compiled" else model
             batches, generator = b.batches("train", s.batch_size, True), torch.Generator().manual_seed(s.seed)
             jitter = ColorJitter.from_config(b.jitter)
+            # Compilation happens in the first steps (forward, then backward graphs): keep them off the clock.
+            warmup = max(s.warmup, 3) if pipeline == "compiled" else None
 
             def step() -> int:
                 images, labels = next(batches)
@@ -274,41 +221,23 @@ def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
                            label_smoothing=protocol.label_smoothing, grad_clip=protocol.grad_clip)
                 return len(images)
 
-            # Compilation happens in the first steps (forward, then backward graphs): keep them off the clock.
-            warmup, precision = max(s.warmup, 3) if pipeline == "pcamx_compiled" else None, s.precision
-        fig = b.time(step, s.batch_size, precision, warmup, method=method, compiled=pipeline == "pcamx_compiled",
+        fig = b.time(step, s.batch_size, precision, warmup, method=method, pipeline=pipeline,
                      trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    fig["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    if pipeline == "pcamx_compiled":
-        torch._dynamo.reset()
-    return fig
+    return fig | {"peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def section_train(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     """3. pcamx.training.loop.train_step per method, eager and compiled, against the reference pipeline and step."""
     out: dict[str, Any] = {}
     for method in METHODS:
-        eager, compiled = _train_figure(b, method, "pcamx_eager"), {"skipped": b.s.compile_skipped}
+        eager, compiled = _train_figure(b, method, "eager"), {"skipped": b.s.compile_skipped}
         try:
-            compiled = compiled if b.s.compile_skipped else _train_figure(b, method, "pcamx_compiled")
+            compiled = compiled if b.s.compile_skipped else _train_figure(b, method, "compiled")
         except Exception as err:  # a compiler backend failure is a result to record, not a crash
-            torch._dynamo.reset()
             compiled = {"skipped": f"torch.compile failed: {type(err).__name__}: {err}"[:500]}
         reference = _train_figure(b, method, "reference")
         out[method] = {"eager": compare(eager, reference), "compiled": compare(compiled, reference)}
     return out
-
-
-def _forward(b: Bench, model: torch.nn.Module, precision: str) -> dict[str, Any]:
-    """Latency at batch 1 and throughput at batch N: pcamx.evaluation.footprint's, as metrics.json reports them."""
-    s, (lat_iters, thr_iters) = b.s, b.s.forward_iters
-    x = torch.randn(s.batch_size, 3, s.resolution, s.resolution, generator=torch.Generator().manual_seed(s.seed))
-    lat, thr = latency_ms(model, x[:1].to(s.device), s.warmup, lat_iters), \
-        throughput_ips(model, x.to(s.device), s.warmup, thr_iters)
-    return {"latency_ms": lat, "images_per_s": thr,
-            "latency": b.figure({"median_ms": lat, "timed_iters": lat_iters, "warmup_iters": s.warmup}, 1, precision),
-            "throughput": b.figure({"images_per_s": thr, "timed_iters": thr_iters, "warmup_iters": s.warmup},
-                                   s.batch_size, precision)}
 
 
 def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
@@ -320,19 +249,25 @@ def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     batches = b.splits["train"].batches(CALIB_BATCH_SIZE, shuffle=True, generator=generator, drop_last=True)
     calibration = [(preprocess(x.to(device), s.resolution), None)
                    for (x, _), _ in zip(batches, range(CALIB_BATCHES), strict=False)]
+    x = torch.randn(s.batch_size, 3, s.resolution, s.resolution, generator=generator).to(device)
+    (lat_iters, thr_iters), warmup = s.forward_iters, {"warmup_iters": s.warmup}
 
     def add(name: str, model: torch.nn.Module, precision: str = "fp32", **info: Any) -> None:
+        """Latency at batch 1 and throughput at batch N: pcamx.evaluation.footprint's, as metrics.json has them."""
         if "gflops" not in info and precision != "int8":  # ptflops cannot hook torchao's quantized linears
             info["gflops"] = gflops(model, s.resolution, device)
-        variants[name] = {"params": count_params(model), **info, **_forward(b, model.eval(), precision)}
-        release(device)
+        lat, thr = latency_ms(model, x[:1], s.warmup, lat_iters), throughput_ips(model, x, s.warmup, thr_iters)
+        variants[name] = {"params": count_params(model), **info, "latency_ms": lat, "images_per_s": thr,
+                          "latency": b.figure({"median_ms": lat, "timed_iters": lat_iters, **warmup}, 1, precision),
+                          "throughput": b.figure({"images_per_s": thr, "timed_iters": thr_iters, **warmup},
+                                                 s.batch_size, precision)}
 
     add("uncompressed", copy.deepcopy(base))
     for method in (*prune["order"], "all"):  # each step at its reference τ, then the chain
         model, p, start = copy.deepcopy(base), plan_from_config({**prune, "method": method}), time.perf_counter()
         run_plan(model, p)
         add(method, model, tau=p.tau, compress_s=time.perf_counter() - start)
-    for name, keys in budget_variants(s.quick).items():
+    for name, keys in ((k, v) for k, v in BUDGETS.items() if not s.quick or v["target_ratio"] == 0.75):
         p, start = plan_from_config({**prune, **keys, "calib_batches": len(calibration)}), time.perf_counter()
         try:
             model, _, found = compress_to_budget(copy.deepcopy(base), p, lambda m: cost(m, s.resolution),
@@ -355,25 +290,21 @@ def section_compress(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
                 "speedup_throughput": fig["images_per_s"] / first["images_per_s"],
                 "gflops_ratio": fig["gflops"] / first["gflops"] if fig.get("gflops") is not None else None}
     return {"variants": variants, "calibration": {"batches": len(calibration), "batch_size": CALIB_BATCH_SIZE},
-            "budget_note": f"--quick: target_ratio {BUDGET_RATIOS[0]:g} only" if s.quick else None,
-            "note": "random-init weights: a fixed τ removes far less from random matrices than from trained ones, so "
-                    "the fixed-τ rows understate a trained model's speedup (a compressed run's metrics.json has its "
-                    "own); the budget rows reach their GFLOPs whatever the weights"}
+            "note": "random init: a fixed τ removes far less from random matrices than from trained ones (a compressed "
+                    "run's metrics.json has its speed); the budget rows reach their GFLOPs whatever the weights"}
 
 
 def section_mfu(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
     """5. Achieved FLOP/s of the training figures already measured ÷ the GPU's dense bf16 peak."""
     if b.s.device.type != "cuda":
         return {"skipped": "no CUDA"}
-    forward, peak = gflops(b.new_model().to(b.s.device), b.s.resolution, b.s.device), b.s.peak_tflops
-    figures = {}
-    for method, entry in (results.get("train") or {}).items():
-        for key, fig in (("eager", entry["eager"]["pcamx"]), ("compiled", entry["compiled"]["pcamx"]),
-                         ("reference", entry["eager"]["reference"])):
-            if "images_per_s" in fig:
-                tflops = fig["images_per_s"] * 3 * forward / 1e3
-                figures[f"{method} {key}"] = {"images_per_s": fig["images_per_s"], "achieved_tflops": tflops,
-                                              "mfu": tflops / peak if peak else None, "precision": fig["precision"]}
+    forward, peak, train = gflops(b.new_model().to(b.s.device), b.s.resolution, b.s.device), b.s.peak_tflops, \
+        {m: results["train"][m] for m in METHODS if m in results.get("train", {})}
+    rows = {f"{m} {k}": c["pcamx"] for m, e in train.items() for k, c in e.items()} | {
+        f"{m} reference": e["eager"]["reference"] for m, e in train.items()}
+    figures = {name: {"images_per_s": f["images_per_s"], "precision": f["precision"], "achieved_tflops": tflops,
+                      "mfu": tflops / peak if peak else None}
+               for name, f in rows.items() if "images_per_s" in f for tflops in [f["images_per_s"] * 3 * forward / 1e3]}
     return {"peak_tflops_bf16": peak, "forward_gflops": forward, "figures": figures,
             "note": None if peak else "peak bf16 FLOP/s unknown for this GPU: pass --peak-tflops to get MFU",
             "convention": "footprint.gflops (module hooks only: the attention core is not counted, so MFU is a lower "

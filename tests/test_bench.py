@@ -1,6 +1,7 @@
-"""Smoke test of `python -m benchmarks`: one step per figure on CPU with the tiny model at 32 px.
+"""Smoke test of `python -m benchmarks`: one call per figure on CPU with the tiny model at 32 px.
 
-Only the shape of bench.json is checked; timings on a shared CI machine mean nothing."""
+The shape of bench.json, the conditions every figure carries, the equivalence check and the targets' logic are
+checked; timings on a shared CI machine mean nothing."""
 
 from __future__ import annotations
 
@@ -10,171 +11,163 @@ import math
 import pytest
 
 from benchmarks import main
-from benchmarks.sections import SECTIONS, budget_variants
+from benchmarks.report import render_markdown
+from benchmarks.sections import BUDGETS, SECTIONS
+from pcamx.config import compose
 from pcamx.training.methods import METHODS
 
 pytestmark = pytest.mark.slow
-CONDITIONS = ("device", "threads", "torch", "batch_size", "resolution")
+CONDITIONS = ("device", "threads", "torch", "batch_size", "resolution", "precision")
 
 
 def _positive(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def _check_figure(fig: dict, batch_size: int) -> None:
+def _check_figure(fig: dict, batch_size: int, device: str = "cpu") -> None:
     assert _positive(fig["images_per_s"]), fig
-    for key in CONDITIONS:
-        assert key in fig, (key, fig)
-    assert fig["device"] == "cpu" and fig["resolution"] == 32 and fig["batch_size"] == batch_size
+    assert all(key in fig for key in CONDITIONS), fig
+    assert fig["device"] == device and fig["resolution"] == 32 and fig["batch_size"] == batch_size
     assert fig["timed_iters"] == [1] and fig["repeats"] == 1 and fig["warmup_iters"] >= 1
 
 
+def _check_comparison(entry: dict, batch_size: int) -> None:
+    _check_figure(entry["pcamx"], batch_size)
+    _check_figure(entry["reference"], batch_size)
+    assert entry["ratio"] == pytest.approx(entry["pcamx"]["images_per_s"] / entry["reference"]["images_per_s"])
+
+
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> tuple[dict, str]:
+def bench(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["--device", "cpu", "--model", "tiny", "--resolution", "32", "--batch-size", "4",
             "--eval-batch-size", "4", "--workers", "1", "--threads", "1", "--quick", "--out", str(out)]
     code = main(argv)
     doc = json.loads(out.read_text())
-    assert code == 0, {k: v.get("error") for k, v in doc["sections"].items()}
+    assert code == 0, {k: v.get("traceback") for k, v in doc["sections"].items()}
     return doc
 
 
 def test_every_section_present(bench):
     sections = bench["sections"]
-    assert set(sections) == set(SECTIONS)
-    for name, section in sections.items():
-        assert "error" not in section, (name, section.get("traceback"))
+    assert set(sections) == set(SECTIONS) == {"pipeline", "eval", "train", "compress", "mfu"}
     assert sections["mfu"] == {"skipped": "no CUDA", "section_s": sections["mfu"]["section_s"]}
-    assert bench["meta"]["device"] == "cpu" and bench["meta"]["torch"]
-    assert bench["settings"]["quick"] and bench["settings"]["resolution"] == 32
+    assert bench["meta"]["device"] == "cpu" and bench["meta"]["torch"] and bench["meta"]["threads"] == 1
+    s = bench["settings"]
+    assert s["quick"] and s["resolution"] == 32 and s["device"] == "cpu" and s["precision"] == "fp32"
+    # Defaults that come from conf/, not from the benchmark: pcamx's TTA views (the CPU loop runs those only) and
+    # the reference protocol's.
+    ev = sections["eval"]
+    assert s["views"] == ev["views"] == compose().eval.tta_views and ev["loop_views"] == [s["views"]]
+    assert ev["protocol_views"] == compose("experiment=repro_compress").eval.tta_views
 
 
-def test_pipeline_and_eval_figures(bench):
+def test_pipeline_eval_and_train_figures(bench):
     pipeline = bench["sections"]["pipeline"]
     for mode in ("train", "eval"):
-        for side in ("pcamx", "reference"):
-            _check_figure(pipeline[mode][side], 4)
-        assert _positive(pipeline[mode]["ratio"])
-    for side in ("pcamx", "reference", "reference_1core"):
-        _check_figure(pipeline["host"][side], 4)
-    assert _positive(pipeline["host"]["ratio"]) and _positive(pipeline["host"]["reference_us_per_image_1core"])
+        _check_comparison(pipeline[mode], 4)
+    _check_figure(pipeline["host"]["pcamx"], 4)
+    _check_figure(pipeline["host"]["reference"], 4)
+    assert pipeline["host"]["pcamx"]["precision"] == "uint8" and pipeline["host"]["reference"]["workers"] == 1
 
     ev = bench["sections"]["eval"]
-    _check_figure(ev["pcamx"], 4)
-    _check_figure(ev["reference"]["8"], 4)
-    # Identical views through both pipelines: the probabilities must agree.
-    assert ev["equivalence"]["passed"], ev["equivalence"]
-    assert ev["equivalence"]["prob_max"] - ev["equivalence"]["prob_min"] > 1e-3  # not all 0.5
+    assert set(ev["comparisons"]) == {"8 views, fp32"}
+    _check_comparison(ev["comparisons"]["8 views, fp32"], 4)
+    assert ev["comparisons"]["8 views, fp32"]["pcamx"]["forward_batch"] == 32
+    # The same patches through both pipelines: the probabilities agree, and they are spread out (not saturated).
+    eq = ev["equivalence"]
+    assert eq["passed"] and eq["max_abs_diff"] <= eq["atol"] == 1e-4, eq
+    assert eq["prob_max"] - eq["prob_min"] > 0.05 and 0 < eq["prob_min"] and eq["prob_max"] < 1, eq
 
-
-def test_train_figures(bench):
     train = bench["sections"]["train"]
     for method in METHODS:
-        entry = train[method]
-        _check_figure(entry["pcamx_eager"], 4)
-        _check_figure(entry["reference"], 4)
-        assert entry["pcamx_compiled"]["skipped"]  # --quick skips compilation, with a reason
-        assert entry["pcamx_eager"]["trainable_params"] > 0
-        assert entry["pcamx_eager"]["peak_memory_bytes"] is None  # measured on CUDA only
-    assert train["head_only"]["pcamx_eager"]["trainable_params"] < train["fullft"]["pcamx_eager"]["trainable_params"]
+        _check_comparison(train[method]["eager"], 4)
+        assert train[method]["compiled"]["pcamx"] == {"skipped": "--quick"}
+        assert train[method]["compiled"]["ratio"] is None
+        assert train[method]["eager"]["pcamx"]["peak_memory_bytes"] is None  # measured on CUDA only
+    params = {m: train[m]["eager"]["pcamx"]["trainable_params"] for m in METHODS}
+    assert 0 < params["head_only"] < params["fullft"]
 
 
-def test_compress_and_load(bench):
-    variants = bench["sections"]["compress"]["variants"]
+def test_compress_figures(bench):
+    sec = bench["sections"]["compress"]
+    variants, first = sec["variants"], sec["variants"]["uncompressed"]
     assert {"uncompressed", "heads", "mlp", "svd", "all", "bf16", "int8"} <= set(variants)
+    # The reference τ come from conf/experiment/repro_compress.yaml.
+    tau = compose("experiment=repro_compress").prune.tau
+    assert variants["all"]["tau"] == {step: tau[step] for step in ("heads", "mlp", "svd")}
+    assert variants["heads"]["tau"] == {"heads": tau["heads"]}
     for name, fig in variants.items():
         if "skipped" in fig:
-            assert name in ("bf16", "int8")
+            assert name in ("bf16", "int8"), fig
             continue
         assert _positive(fig["latency_ms"]) and _positive(fig["images_per_s"]) and fig["params"] > 0
         assert fig["latency"]["batch_size"] == 1 and fig["throughput"]["batch_size"] == 4
-        assert fig["latency_ms"] == pytest.approx(1e3 / fig["latency"]["images_per_s"])
-    assert variants["all"]["params"] <= variants["uncompressed"]["params"]
-    for fig in (f for f in variants.values() if "latency_ms" in f):
-        assert fig["speedup_latency"] == pytest.approx(variants["uncompressed"]["latency_ms"] / fig["latency_ms"])
-        assert fig["speedup_throughput"] == pytest.approx(fig["images_per_s"]
-                                                          / variants["uncompressed"]["images_per_s"])
+        assert fig["latency"]["timed_iters"] == fig["throughput"]["timed_iters"] == 1
+        assert fig["speedup_latency"] == pytest.approx(first["latency_ms"] / fig["latency_ms"])
+        assert fig["speedup_throughput"] == pytest.approx(fig["images_per_s"] / first["images_per_s"])
+    assert variants["all"]["params"] <= first["params"]
 
-    # Budgets (--quick: the first ratio only) and block removal: each within its GFLOPs, with the τ found.
-    budgets = dict(budget_variants(quick=True))
-    assert {n for n, _ in budget_variants(quick=False)} > set(budgets) and len(budgets) == 3
-    for name, spec in budgets.items():
-        fig = variants[name]
-        assert fig["budget"] == {"target_ratio": spec["target_ratio"]}
-        assert fig["gflops_ratio"] == pytest.approx(fig["achieved"]["gflops_ratio"], abs=1e-6)
-        assert fig["gflops"] <= fig["limit"]["gflops"] and fig["gflops_ratio"] <= spec["target_ratio"]
-        assert fig["params"] < variants["uncompressed"]["params"] and fig["search_trials"] >= 2
-        assert _positive(fig["compress_s"]) and fig["search_s"] == fig["compress_s"]
-        (tau,) = set(fig["taus"]["tau"].values())
-        assert 0 < tau < 1 and fig["prune"]["steps"] == (["blocks"] if spec["method"] == "blocks"
-                                                         else ["heads", "mlp", "svd"])
-        assert fig["prune"]["criterion"] == spec.get("criterion", "weight")
-    assert bench["sections"]["compress"]["calibration"]["batches"] >= 1
-    assert bench["sections"]["compress"]["budget_note"]  # says what --quick left out
-
-    load = bench["sections"]["load"]
-    assert load["images"] == 512 and load["bytes"] >= 512 * 96 * 96 * 3
-    assert _positive(load["load_s"]) and _positive(load["per_sample_read_us"])
-
-
-def test_predict_folder(bench):
-    """`python -m pcamx.predict CHECKPOINT FOLDER` against the per-file PIL + processor loop, 1 and 8 views."""
-    predict = bench["sections"]["predict"]
-    assert set(predict["views"]) == {"1", "8"}
-    for views, entry in predict["views"].items():
-        _check_figure(entry["pcamx"], 64)  # pcamx.predict's default batch
-        _check_figure(entry["reference"], 1)  # one file at a time
-        for side in ("pcamx", "reference"):
-            assert entry[side]["views"] == int(views) and entry[side]["images"] == entry["images"] == 8
-        assert entry["settings"] == {"resolution": 32, "tta_views": int(views), "precision": "fp32", "quant": "none"}
-        assert entry["ratio"] == pytest.approx(entry["pcamx"]["images_per_s"] / entry["reference"]["images_per_s"])
-        assert entry["png_bytes"] > 0 and _positive(entry["load_s"])
-        # The same PNGs through both ways: the probabilities agree, and they are spread out (not saturated).
-        eq = entry["equivalence"]
-        assert eq["passed"] and eq["max_abs_diff"] <= eq["atol"] == 1e-4, eq
-        assert eq["prob_max"] - eq["prob_min"] > 0.05 and 0 < eq["prob_min"] and eq["prob_max"] < 1, eq
-
-
-def test_export_latency(bench):
-    export = bench["sections"]["export"]
-    if "skipped" in export:  # onnxruntime / onnx / onnxscript not installed: a reason, not a failure
-        assert "pip install" in export["skipped"]
-        return
-    assert set(export["variants"]) == {"uncompressed", "all"} and export["views"] == [1, 8]
-    assert export["variants"]["all"]["params"] <= export["variants"]["uncompressed"]["params"]
-    for entry in export["variants"].values():
-        for views in ("1", "8"):
-            fig = entry[views]
-            assert fig["batch"] == 1 and fig["tta_views"] == int(views) and fig["resolution"] == 32
-            assert fig["threads"] == 1 and fig["iters"] >= 1
-            assert _positive(fig["onnxruntime_cpu_ms"]) and _positive(fig["pytorch_cpu_ms"])
-            assert fig["speedup"] == pytest.approx(fig["pytorch_cpu_ms"] / fig["onnxruntime_cpu_ms"])
-            assert fig["max_abs_diff"] <= 1e-4 and _positive(fig["export_s"])
-
-
-def test_new_sections_rendered(bench):
-    from benchmarks.report import render_markdown
-
-    text = render_markdown(bench)
-    assert "### pcamx.predict on a folder of PNG patches" in text and "Same probabilities: 1 view(s)" in text
-    assert "### ONNX Runtime vs PyTorch, CPU latency" in text
+    # --quick: the 0.75 budgets only; each within its GFLOPs, with the τ found.
+    ran = {name for name in BUDGETS if name in variants}
+    assert ran == {name for name, keys in BUDGETS.items() if keys["target_ratio"] == 0.75} and len(ran) == 3
+    for name in ran:
+        fig, keys = variants[name], BUDGETS[name]
+        assert fig["prune"]["budget"] == {"target_ratio": keys["target_ratio"]}
+        assert fig["gflops_ratio"] == pytest.approx(fig["search"]["achieved"]["gflops_ratio"], abs=1e-6)
+        assert fig["gflops"] <= fig["search"]["limit"]["gflops"] and fig["gflops_ratio"] <= keys["target_ratio"]
+        assert fig["params"] < first["params"] and fig["search"]["search_trials"] >= 2
+        (tau,) = set(fig["tau"].values())
+        assert 0 < tau < 1 and fig["prune"]["criterion"] == keys.get("criterion", "weight")
+        assert fig["prune"]["steps"] == (["blocks"] if keys["method"] == "blocks" else ["heads", "mlp", "svd"])
 
 
 def test_targets_reported(bench):
-    names = {t["name"]: t for t in bench["targets"]}
-    assert set(names) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training",
-                          "host_vs_training", "gpu_training_mfu", "uncertainty_budget"}
-    train = bench["sections"]["train"]
-    fastest = max(train[m][k]["images_per_s"] for m in ("head_only", "lora", "fullft")
-                  for k in ("pcamx_eager", "pcamx_compiled") if "images_per_s" in train[m][k])
-    host = bench["sections"]["pipeline"]["host"]["pcamx"]["images_per_s"]
-    assert names["host_vs_training"]["value"] == pytest.approx(host / fastest)
-    assert names["gpu_training_mfu"]["status"].startswith("n/a")
-    for target in names.values():
-        assert target["status"] in ("met", "not met") or target["status"].startswith("n/a")
-    assert names["gpu_eval_tta"]["status"].startswith("n/a")  # CPU run
-    assert names["host_side"]["value"] is not None
-    unc = bench["sections"]["uncertainty"]  # the budget over the seconds of the heaviest case, one thread
-    assert unc["threads"] == 1 and unc["draws"] > 0
-    assert names["uncertainty_budget"]["value"] == pytest.approx(unc["budget_s"] / unc["paired_slide_s"])
+    targets = {t["name"]: t for t in bench["targets"]}
+    assert set(targets) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training",
+                            "host_vs_training", "gpu_training_mfu"}
+    # On a CPU run exactly the GPU targets are n/a, saying why; every other one has a value and a verdict.
+    not_applicable = {name: t["status"] for name, t in targets.items() if t["status"].startswith("n/a")}
+    assert not_applicable == dict.fromkeys(("gpu_eval_tta", "gpu_training", "gpu_training_mfu"), "n/a (GPU target)")
+    for name, t in targets.items():
+        if name not in not_applicable:
+            assert _positive(t["value"]), t
+            assert t["status"] == ("met" if t["value"] >= t["threshold"] else "not met"), t
+
+    sections = bench["sections"]
+    train, pipeline = sections["train"], sections["pipeline"]
+    fastest = max(train[m]["eager"]["pcamx"]["images_per_s"] for m in METHODS)
+    assert targets["host_vs_training"]["value"] == pytest.approx(pipeline["host"]["pcamx"]["images_per_s"] / fastest)
+    assert targets["pipeline_vs_training"]["value"] == pytest.approx(
+        pipeline["train"]["pcamx"]["images_per_s"] / fastest)
+    assert targets["host_side"]["value"] == pytest.approx(pipeline["host"]["ratio"])
+    ratios = [sections["eval"]["comparisons"]["8 views, fp32"]["ratio"], *(train[m]["eager"]["ratio"] for m in METHODS)]
+    assert targets["cpu_end_to_end"]["value"] == pytest.approx(min(ratios))
+
+
+def test_targets_status_rules():
+    """The verdicts on made-up sections: a value under its threshold is `not met`, a missing one n/a."""
+    from benchmarks.report import evaluate_targets
+
+    fig = {"images_per_s": 10.0}
+    sections = {"pipeline": {"host": {"pcamx": {"images_per_s": 50.0}, "ratio": 99.0}, "train": {"pcamx": fig}},
+                "train": {m: {"eager": {"pcamx": fig, "ratio": 2.0}} for m in METHODS}}
+    targets = {t["name"]: t for t in evaluate_targets(sections, "cpu")}
+    assert targets["host_side"]["status"] == "not met" and targets["host_vs_training"]["status"] == "not met"
+    assert targets["pipeline_vs_training"]["value"] == 1.0 and targets["pipeline_vs_training"]["status"] == "not met"
+    # The eval section is missing: the worst of the others.
+    assert targets["cpu_end_to_end"]["value"] == 2.0 and targets["cpu_end_to_end"]["status"] == "met"
+    cuda = {t["name"]: t["status"] for t in evaluate_targets(sections, "cuda")}
+    assert cuda["cpu_end_to_end"] == "n/a (CPU-device target)" and cuda["gpu_training"] == "not met"
+    assert cuda["gpu_eval_tta"] == cuda["gpu_training_mfu"] == "n/a (section not run or failed)"
+
+
+def test_markdown(bench):
+    text = render_markdown(bench)
+    assert text.startswith("## pcamx bench: cpu (") and "tiny at 32 px" in text
+    for title in ("### 1. Input pipeline", "### 2. Evaluation with TTA", "### 3. Training step",
+                  "### 4. Compressed models", "### 5. Model FLOPs utilization", "### Targets"):
+        assert title in text
+    assert "| host side, train |" in text and "| fullft compiled | skipped: --quick |" in text
+    assert "Same probabilities: max |Δp|" in text and ": pass;" in text and "skipped: no CUDA" in text
+    assert "| all_r0.75_activation |" in text and "| gpu_training_mfu |" in text and "n/a (GPU target)" in text

@@ -61,11 +61,6 @@ def test_a_value_of_the_wrong_type_fails_at_composition() -> None:
     assert "could not be converted to Integer" in str(err.value.__cause__)
 
 
-def test_unknown_group_option_is_hydras_error() -> None:
-    with pytest.raises(ConfigCompositionException, match="method"):
-        compose_config("method=adapterfusion")
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_says_so() -> None:
     with pytest.raises(RuntimeError, match="hardware=cuda but no CUDA device"):

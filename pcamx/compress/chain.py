@@ -133,8 +133,8 @@ def plan(
 
     Runs before anything else in a run, so a bad τ fails in a second, not after hours of training. Healing is
     not part of the plan (pcamx.training.heal runs it after)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
+    if method not in ("none", *STEPS, "all"):  # METHODS, with any step registered since
+        raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(('none', *STEPS, 'all'))}")
     order = tuple(order)
     unknown = [s for s in order if s not in STEPS]
     if unknown or len(set(order)) != len(order) or not order:
