@@ -51,7 +51,10 @@ E2E = {"full": {"n_train": 8192, "n_valid": 1024, "n_test": 1024, "compile": "tr
        "cpu": {"n_train": 512, "n_valid": 64, "n_test": 64, "compile": "false", "resolution": 32, "batch": 64}}
 BENCH = {"full": ["--batch-size", "256", "--duration", "1.0", "--repeats", "2", "--load-size", "8192"],
          "quick": ["--quick", "--batch-size", "64", "--eval-batch-size", "64"]}
-RUN_FILES = ("metrics.json", "predictions.csv", "roc.png", "resolved_config.yaml")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pcamx.runtime import run_files  # noqa: E402  (file names only: no torch needed to read them)
+
+RUN_FILES = (run_files.METRICS, run_files.PREDICTIONS, run_files.ROC, run_files.RESOLVED_CONFIG)
 
 
 @dataclass
@@ -264,11 +267,11 @@ def check_e2e(train_dir: Path, sweep_dir: Path, out: Path) -> int:
     if len(runs) != 3:
         problems.append(f"expected the training run and 2 compressed runs, found {sorted(runs)}")
     for name, run_dir in runs.items():
-        wanted = [*RUN_FILES, *(("best.pt", "last.pt") if name == "train" else ("compressed/model.safetensors",
-                                                                               "compressed/architecture.json"))]
+        compressed = (f"{run_files.COMPRESSED}/{run_files.WEIGHTS}", f"{run_files.COMPRESSED}/{run_files.ARCHITECTURE}")
+        wanted = [*RUN_FILES, *(run_files.TRAIN_CHECKPOINTS if name == "train" else compressed)]
         problems += [f"{name}: no {f}" for f in wanted if not (run_dir / f).is_file()]
-        if (run_dir / "metrics.json").is_file():
-            m = json.loads((run_dir / "metrics.json").read_text())
+        if (run_dir / run_files.METRICS).is_file():
+            m = json.loads((run_dir / run_files.METRICS).read_text())
             metrics[name] = {k: m.get(k) for k in ("status", "auroc", "train_steps", "train_seconds", "eval_precision",
                                                    "train_precision", "gflops", "memory_mb", "quant", "device")}
             if m.get("status") != "ok":
@@ -292,9 +295,9 @@ def _probs(path: Path, column: str = "prob") -> list[float]:
 
 def predict_agreement(csv_path: Path, run_dir: Path, metrics: dict) -> list[str]:
     """`python -m pcamx.predict` on the test file gives the run's own predictions.csv (max |Δp| recorded)."""
-    if not csv_path.is_file() or not (run_dir / "predictions.csv").is_file():
+    if not csv_path.is_file() or not (run_dir / run_files.PREDICTIONS).is_file():
         return [f"{csv_path.name}: not written"]
-    got, want = _probs(csv_path), _probs(run_dir / "predictions.csv")
+    got, want = _probs(csv_path), _probs(run_dir / run_files.PREDICTIONS)
     if len(got) != len(want):
         return [f"{csv_path.name}: {len(got)} rows, the run's predictions.csv has {len(want)}"]
     worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
