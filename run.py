@@ -7,10 +7,10 @@ import pcamx.config  # noqa: F401  (registers the typed config schema before Hyd
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict | None:
     from pcamx.pipeline import run_job
 
-    run_job(cfg)
+    return run_job(cfg)  # metrics.json's content: what a search sweeper reads its objectives from
 
 
 if __name__ == "__main__":

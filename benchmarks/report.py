@@ -106,11 +106,13 @@ def _train_md(sec: dict[str, Any]) -> list[str]:
 def _compress_md(sec: dict[str, Any]) -> list[str]:
     rows = []
     for name, f in sec["variants"].items():
-        taus = sorted(set((f.get("tau") or {}).values()))
+        tau = f.get("tau") or {}
+        tau = _n(next(iter(tau.values())), 4) if len(set(tau.values())) == 1 else ", ".join(
+            f"{k} {_n(v, 4)}" for k, v in tau.items()) or "—"
         trials = f" ({f['search']['search_trials']} trials)" if "search" in f else ""
         rows.append([name, f["skipped"], *["—"] * 7] if "skipped" in f else [
             name, f"{f['params'] / 1e6:.2f} M", _n(f.get("gflops")), _n(f.get("gflops_ratio")),
-            " / ".join(_n(t, 4) for t in taus) or "—", _n(f["latency_ms"]), _n(f["images_per_s"]),
+            tau, _n(f["latency_ms"]), _n(f["images_per_s"]),
             f"{_x(f['speedup_latency'])} / {_x(f['speedup_throughput'])}", _n(f.get("compress_s")) + trials])
     f = next(f for f in sec["variants"].values() if "throughput" in f)
     return [*_table(["variant", "params", "GFLOPs", "÷ uncompressed", "τ", "latency ms", "images/s",

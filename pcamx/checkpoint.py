@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from transformers import DINOv3ViTConfig
 from pcamx.compress.spec import load_compressed, update_extra
 from pcamx.model import PCamClassifier, build_classifier
 from pcamx.runtime import disk, run_files
+from pcamx.runtime.errors import UserError
 
 log = logging.getLogger("pcamx")
 DIGEST_KEY = "sha256"
@@ -32,9 +34,10 @@ DIGEST_KEY = "sha256"
 INFERENCE_KEY = "inference"
 OPERATING_POINTS_KEY = "operating_points"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED = re.compile(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, damaged, unreadable, or was made for another model."""
 
 
@@ -78,14 +81,21 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | Path) -> Path:
     return disk.torch_save({**payload, DIGEST_KEY: content_digest(payload)}, path)
 
 
-def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a `.pt` written by `save_checkpoint` and check its digest; CheckpointError when it cannot be
     read or does not match. One without a digest (written before pcamx recorded them) loads unverified."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=weights_only)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        found = _UNSUPPORTED.search(str(err))
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors and plain values"
+            + (f" ({found.group(1)})" if found else "") + ", which pcamx never loads (loading them can run code): "
+            "it was not written by this version of pcamx, or it was altered. Use a checkpoint pcamx wrote; for a "
+            "resume.pt, start over with resume=false or a new hydra.run.dir") from None
     except Exception as err:
         raise CheckpointError(f"{path} could not be read ({_plain(err)}); the file is damaged or is not a "
                               "pcamx checkpoint") from None

@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pcamx.compress.chain import METHODS as PRUNE_METHODS
 from pcamx.compress.chain import STEPS
@@ -29,10 +29,12 @@ from pcamx.compress.importance import CRITERIA
 from pcamx.compress.quant import QUANT_MODES
 from pcamx.compress.units import SCOPES
 from pcamx.data import DATASETS
+from pcamx.data.transforms import TTA_VIEWS
 from pcamx.evaluation.metrics import SELECT_METRICS
 from pcamx.evaluation.uncertainty import CALIBRATIONS
 from pcamx.model import ARCHITECTURES
-from pcamx.runtime.conf import CONF_DIR, conf_defaults  # noqa: F401  (conf_defaults: part of the config API)
+from pcamx.runtime.conf import CONF_DIR, Range, conf_defaults, ranged  # noqa: F401  (conf_defaults: part of the config API)
+from pcamx.runtime.errors import ConfigError
 from pcamx.runtime.hardware import DEVICES, PRECISIONS
 from pcamx.training.methods import METHODS, NORMS_BIAS, MethodConfig
 
@@ -60,22 +62,22 @@ Calibration = registry_enum("Calibration", CALIBRATIONS)
 
 @dataclass
 class JitterConfig:
-    brightness: float = MISSING
-    contrast: float = MISSING
-    saturation: float = MISSING
-    hue: float = MISSING
+    brightness: float = ranged(0)
+    contrast: float = ranged(0)
+    saturation: float = ranged(0)
+    hue: float = ranged(0, 0.5)
 
 
 @dataclass
 class DataConfig:
     name: DataName = MISSING
     root: str = MISSING
-    resolution: int = MISSING
-    batch_size: int = MISSING
-    eval_batch_size: int = MISSING
-    limit_train: int = MISSING
-    limit_val: int = MISSING
-    limit_test: int = MISSING
+    resolution: int = ranged(1)
+    batch_size: int = ranged(1)
+    eval_batch_size: int = ranged(1)
+    limit_train: int = ranged(0)
+    limit_val: int = ranged(0)
+    limit_test: int = ranged(0)
     augment: bool = MISSING
     jitter: JitterConfig | None = MISSING
     in_memory: bool = MISSING
@@ -84,9 +86,9 @@ class DataConfig:
 @dataclass
 class SyntheticDataConfig(DataConfig):
     seed: int = MISSING
-    n_train: int = MISSING
-    n_valid: int = MISSING
-    n_test: int = MISSING
+    n_train: int = ranged(1)
+    n_valid: int = ranged(2)
+    n_test: int = ranged(2)
 
 
 @dataclass
@@ -105,11 +107,11 @@ class PruneConfig:
     svd_targets: Any = MISSING  # a list of linear names, or "all"
     criterion: PruneCriterion = MISSING
     scope: PruneScope = MISSING
-    calib_batches: int = MISSING
-    target_ratio: float | None = MISSING
-    target_gflops: float | None = MISSING
-    target_params: float | None = MISSING
-    heal_epochs: int = MISSING
+    calib_batches: int = ranged(0)
+    target_ratio: float | None = ranged(0, 1, lo_open=True)
+    target_gflops: float | None = ranged(0, lo_open=True)
+    target_params: float | None = ranged(0, lo_open=True)
+    heal_epochs: int = ranged(0)
 
 
 @dataclass
@@ -122,39 +124,39 @@ class HardwareConfig:
     device: Device = MISSING
     precision: Precision = MISSING
     compile: bool = MISSING
-    num_threads: int | None = MISSING
+    num_threads: int | None = ranged(1)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = MISSING
+    epochs: int = ranged(1)
     precision: Precision = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
+    lr: float = ranged(0, lo_open=True)
+    weight_decay: float = ranged(0)
     decay_all_params: bool = MISSING
-    warmup_steps: int = MISSING
+    warmup_steps: int = ranged(0)
     warmup_zero_start: bool = MISSING
-    grad_clip: float = MISSING
-    label_smoothing: float = MISSING
-    max_train_batches: int = MISSING
-    val_every: float = MISSING
+    grad_clip: float = ranged(0)
+    label_smoothing: float = ranged(0, 1, hi_open=True)
+    max_train_batches: int = ranged(0)
+    val_every: float = ranged(0, lo_open=True)
     select_metric: SelectMetric = MISSING
     select_tiebreak: SelectMetric | None = MISSING
     save_best: bool = MISSING
     save_last: bool = MISSING
-    checkpoint_every: int = MISSING
+    checkpoint_every: int = ranged(0)
 
 
 @dataclass
 class EvalConfig:
     precision: Precision = MISSING
     tta: bool = MISSING
-    tta_views: int = MISSING
+    tta_views: int = ranged(choices=tuple(TTA_VIEWS))
     val_tta: bool = MISSING
     measure_speed: bool = MISSING
-    speed_warmup: int = MISSING
-    speed_iters: int = MISSING
-    bootstrap: int = MISSING
+    speed_warmup: int = ranged(0)
+    speed_iters: int = ranged(1)
+    bootstrap: int = ranged(0)
     calibrate: Calibration = MISSING
 
 
@@ -165,9 +167,9 @@ class ReportConfig:
 
 @dataclass
 class HealConfig:
-    kd_weight: float = MISSING
-    temperature: float = MISSING
-    lr_scale: float = MISSING
+    kd_weight: float = ranged(0)
+    temperature: float = ranged(0, lo_open=True)
+    lr_scale: float = ranged(0, lo_open=True)
 
 
 @dataclass
@@ -226,7 +228,23 @@ def compose(*overrides: str, hydra_config: bool = False) -> DictConfig:
     if not CONF_DIR.is_dir():
         raise FileNotFoundError(f"{CONF_DIR} not found: run from a pcamx checkout (the configs live in conf/)")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+    check_ranges(cfg)
+    return cfg
+
+
+def check_ranges(cfg: DictConfig, prefix: str = "") -> None:
+    """ConfigError naming the key and its allowed range for the first value outside it (see `Range`)."""
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        for f in dataclasses.fields(schema):
+            bound = f.metadata.get("range")
+            if bound is not None and f.name in cfg and not bound.allows(cfg[f.name]):
+                raise ConfigError(f"{prefix}{f.name}={cfg[f.name]!r} is out of range: it must be {bound}")
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and key != "hydra" and not node._is_none() and not node._is_missing():
+            check_ranges(cfg[key], f"{prefix}{key}.")
 
 
 def register() -> None:

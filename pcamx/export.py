@@ -24,7 +24,6 @@ import copy
 import importlib
 import json
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 import pcamx
-from pcamx.checkpoint import CheckpointError, load_checkpoint
+from pcamx.checkpoint import load_checkpoint
 from pcamx.data.layout import IMAGE_SHAPE
 from pcamx.data.synthetic import generate_split
 from pcamx.data.transforms import TTA_VIEWS, check_tta_views, tta_views
@@ -45,6 +44,8 @@ from pcamx.inference.inputs import batches, discover
 from pcamx.inference.scoring import threshold_note
 from pcamx.inference.settings import InferenceSettings, settings_with
 from pcamx.runtime import disk
+from pcamx.runtime.errors import UserError
+from pcamx.runtime.errors import report as report_error
 from pcamx.runtime.timing import measure
 
 log = logging.getLogger("pcamx")
@@ -63,7 +64,7 @@ LATENCY_ITERS = 20
 LATENCY_WARMUP = 3
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model could not be exported, or the exported graph does not reproduce PyTorch."""
 
 
@@ -264,6 +265,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path = "model.onnx", *, tta_v
     require_export_dependencies()
     if batch < 1 or check_samples < 1:
         raise ValueError(f"--batch and --check-samples must be >= 1, got {batch} and {check_samples}")
+    out = disk.check_writable(out, "--out")
+    disk.check_writable(report_path(out), "--out")
     model, source = load_checkpoint(checkpoint, {})
     settings, points = settings_with(source, resolution=resolution, tta_views=tta_views)
     views = settings.tta_views
@@ -358,9 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = export_onnx(args.checkpoint, args.out, tta_views=args.tta_views, resolution=args.resolution,
                              dynamic_batch=args.dynamic_batch, batch=args.batch, check_samples=args.check_samples,
                              check_h5=args.check_h5, tolerance=args.tolerance, latency_iters=args.latency_iters)
-    except (ExportDependencyError, CheckpointError, ExportError, ValueError) as err:
-        print(f"pcamx.export: error: {err}", file=sys.stderr)
-        return 2
+    except (ExportDependencyError, UserError, ValueError) as err:
+        return report_error(err, "pcamx.export")
     print(summary(record))
     return 0
 

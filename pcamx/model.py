@@ -9,10 +9,12 @@ import torch
 from torch import nn
 from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 
+from pcamx.runtime.errors import UserError
+
 NUM_CLASSES = 2
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The backbone weights could not be loaded (gated repo, offline machine, bad path)."""
 
 

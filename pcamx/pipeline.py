@@ -6,12 +6,14 @@ the list of stages. `run` owns the run directory and turns failures and interrup
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import PrunePlan, plan_from_config, run_plan
 from pcamx.compress.quant import EvalPrecision, check_quantization, quantize
 from pcamx.compress.spec import save_compressed
+from pcamx.config import check_ranges
 from pcamx.data import Data, load_data
 from pcamx.data.transforms import ColorJitter, preprocess
 from pcamx.evaluation.evaluate import evaluate, view_count
@@ -41,6 +44,8 @@ from pcamx.model import build_model
 from pcamx.report.format import format_table, percent_change
 from pcamx.report.run_outputs import plot_reliability, plot_roc, write_predictions
 from pcamx.runtime import disk, interrupts, run_files
+from pcamx.runtime.errors import ConfigError, UserError, one_line
+from pcamx.runtime.errors import report as report_error
 from pcamx.runtime.hardware import check_precision, effective_precisions, resolve_device, seed_everything, setup_threads
 from pcamx.runtime.interrupts import RunInterrupted
 from pcamx.runtime.locks import (
@@ -54,6 +59,7 @@ from pcamx.runtime.tracking import Tracker, hydra_names
 from pcamx.training.heal import heal
 from pcamx.training.loop import Session, train
 from pcamx.training.methods import apply_method
+from pcamx.training.resume import ResumeMismatchError, fingerprint, load_state
 
 log = logging.getLogger("pcamx")
 
@@ -69,6 +75,8 @@ class Run:
     run_dir: Path
     data: Data
     tracker: Tracker
+    resume: dict[str, Any] | None = None  # the state of an interrupted training in run_dir, to continue from
+    seconds_before: float = 0.0  # what earlier, interrupted attempts of this run spent training
 
 
 @dataclass
@@ -88,12 +96,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Execute one configured run; returns what it wrote to metrics.json.
 
     The run owns its directory for its whole life (a lock; a second run there fails at once, before
-    writing anything). A failure still writes metrics.json (status "failed" with the error, and `reason:
-    diverged` for a diverged training) before re-raising, so sweeps can report it; a SIGTERM/SIGINT writes
-    status "interrupted" and raises RunInterrupted."""
+    writing anything). A refusal (a setting out of range or impossible here, a resume.pt written with other
+    training settings) changes nothing in a directory that holds an earlier run, .hydra/ included. A failure
+    writes metrics.json (status "failed" with the error and its `reason`) before re-raising, so sweeps can report
+    it; a SIGTERM/SIGINT writes status "interrupted" and raises RunInterrupted."""
     run_dir = resolve_run_dir(run_dir)
     lock = claim_run_dir(run_dir)
     hydra_files = snapshot_hydra_files(run_dir / run_files.HYDRA_DIR)
+    earlier = any((run_dir / name).exists() for name in (run_files.METRICS, run_files.RESUME))
     try:
         for stale in disk.remove_stale_temps(run_dir):
             log.info("removed %s, left by a write that was killed", stale)
@@ -108,15 +118,25 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             "run_dir": str(run_dir),
         })
         raise
+    except (ConfigError, ResumeMismatchError) as err:
+        if earlier:  # the directory's earlier run stays as it was; Hydra rewrote .hydra/ before this run began
+            hydra_files = getattr(err, "hydra_files", None) or hydra_files
+        else:
+            _write_failure(run_dir, err)
+        raise
     except Exception as err:
-        disk.write_json(run_dir / run_files.METRICS, {
-            "status": "failed", "reason": getattr(err, "reason", "error"), "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(), "run_dir": str(run_dir),
-        })
+        _write_failure(run_dir, err)
         raise
     finally:
         restore_hydra_files(run_dir / run_files.HYDRA_DIR, hydra_files)
         lock.release()
+
+
+def _write_failure(run_dir: Path, err: Exception) -> None:
+    disk.write_json(run_dir / run_files.METRICS, {
+        "status": "failed", "reason": getattr(err, "reason", "error"), "error": f"{type(err).__name__}: {err}",
+        "traceback": traceback.format_exc(), "run_dir": str(run_dir),
+    })
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -132,8 +152,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     val_labels, val_probs = validation_predictions(run, model)
     operating = operating_stage(run, origin, labels, probs, val_labels, val_probs)
     calibrated, calibration = calibrate_stage(run, labels, probs, val_labels, val_probs)
+    # Earlier, interrupted attempts count too: total_seconds is never below train_seconds.
+    total = time.time() - started + run.seconds_before
     metrics = {"status": "ok", **evaluated, **operating, **calibration, **describe(run, origin, len(labels)),
-               **trained, **compressed, "total_seconds": round(time.time() - started, 2), "run_dir": str(run_dir)}
+               **trained, **compressed, "total_seconds": round(total, 2), "run_dir": str(run_dir)}
     report_stage(run, labels, probs, calibrated, metrics)
     return metrics
 
@@ -142,27 +164,28 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> Run:
-    """Device and effective precisions, the resolved config on disk, seeds and threads, every setting checked
-    before any data is read; then the data and the tracker."""
-    device = resolve_device(cfg.hardware.device)
-    cfg = effective_precisions(cfg, device)
+    """Device and effective precisions and every setting checked, and an earlier training's resume.pt checked
+    against them, before anything is written or read; then the resolved config on disk, seeds and threads, the
+    data and the tracker."""
+    with config_errors():
+        device = resolve_device(cfg.hardware.device)
+        cfg = effective_precisions(cfg, device)
+        validate_config(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    state = None if cfg.checkpoint else load_state(run_dir, cfg.resume, fingerprint(config))
     disk.write_text(run_dir / run_files.RESOLVED_CONFIG, OmegaConf.to_yaml(config))
     seed_everything(cfg.seed)
     setup_threads(cfg.hardware)
-    validate_config(cfg, device)
     data = load_data(cfg.data)
     log.info("data: %s train=%d valid=%d test=%d", data.source, len(data.train), len(data.valid), len(data.test))
-    return Run(cfg, config, device, run_dir, data, Tracker(cfg.wandb, config, run_dir, **hydra_names()))
+    return Run(cfg, config, device, run_dir, data, Tracker(cfg.wandb, config, run_dir, **hydra_names()), state)
 
 
 def model_stage(run: Run) -> tuple[torch.nn.Module, Origin]:
     """A fresh backbone + head, or a saved model (checkpoint=...), which skips training."""
     cfg = run.cfg
     if not cfg.checkpoint:
-        trains = cfg.train.epochs > 0
-        return build_model(cfg.model), Origin(cfg.method.name, run.config["method"],
-                                              cfg.train.precision if trains else None)
+        return build_model(cfg.model), Origin(cfg.method.name, run.config["method"], cfg.train.precision)
     model, source = load_checkpoint(cfg.checkpoint, cfg.model)
     return model, Origin(source.get("method") or cfg.method.name, source.get("method_config"),
                          source.get("train_precision"), checkpoint=source)
@@ -170,14 +193,15 @@ def model_stage(run: Run) -> tuple[torch.nn.Module, Origin]:
 
 def train_stage(run: Run, model: torch.nn.Module, origin: Origin) -> dict[str, Any]:
     cfg = run.cfg
-    if origin.checkpoint is not None or cfg.train.epochs <= 0:
-        val = (origin.checkpoint or {}).get("val_metrics") or {}
+    if origin.checkpoint is not None:
+        val = origin.checkpoint.get("val_metrics") or {}
         model.to(run.device).eval()
         return {"val": val, "best_step": None, "train_steps": 0, "train_seconds": 0.0}
     groups = apply_method(model, cfg.method, cfg.train.lr, cfg.train.weight_decay, cfg.train.decay_all_params)
     result = train(model, groups, run.data.train, run.data.valid, run.config, run.device, run.tracker,
-                   Session(cfg.train.epochs, run_dir=run.run_dir))
+                   Session(cfg.train.epochs, run_dir=run.run_dir, resume=run.resume))
     model.to(run.device).eval()
+    run.seconds_before = result.seconds_before
     return {"val": result.best_val, "best_step": result.best_step, "train_steps": result.steps,
             "train_seconds": round(result.seconds, 2)}
 
@@ -348,10 +372,12 @@ def report_stage(run: Run, labels: np.ndarray, probs: np.ndarray, calibrated: np
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """What `run.py` calls. In a sweep a failed job is recorded (metrics.json) and logged instead of
-    raised: Hydra's sweeper would otherwise abort before the summary callback writes the table, and
-    that callback exits non-zero for failed runs, so the command's status still says so. An interrupted
-    run prints one line and exits with 128 + the signal number (a requeue signal goes on to submitit)."""
+    """What `run.py` calls. A known error (a refusal, a damaged file, missing data, a diverged training) prints
+    one `error: …` line and exits with status 2; anything else keeps its traceback. In a sweep a failed job is
+    recorded (metrics.json) and logged instead of raised: Hydra's sweeper would otherwise abort before the
+    summary callback writes the table, and that callback exits non-zero for failed runs, so the command's
+    status still says so. An interrupted run prints one line and exits with 128 + the signal number (a requeue
+    signal goes on to submitit)."""
     from pcamx.report.callback import sweep_reports_failures
 
     try:
@@ -362,27 +388,36 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
               file=sys.stderr, flush=True)
         interrupts.forward(err.signum)
         raise SystemExit(err.exit_code) from None
-    except RunDirBusy:
+    except Exception as err:
+        in_sweep = sweep_reports_failures()
+        if in_sweep and not isinstance(err, RunDirBusy):
+            log.error("job failed, the sweep summary reports it: %s", one_line(err), exc_info=not isinstance(
+                err, UserError))
+            return None
+        if isinstance(err, UserError) and not in_sweep:
+            raise SystemExit(report_error(err)) from None
         raise
-    except Exception:
-        if not sweep_reports_failures():
-            raise
-        log.exception("job failed; the sweep summary reports it")
-        return None
 
 
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
-    """Reject impossible settings before any data is read or any step is trained (the schema has already
-    checked every key, type and enum at composition)."""
+    """Reject impossible settings before any data is read or any step is trained: every value in its range
+    (the schema's), then what depends on several keys or on this machine."""
+    check_ranges(cfg)
     if str(cfg.resume).lower() not in ("auto", "true", "false"):
         raise ValueError(f"resume must be auto, true or false, got {cfg.resume!r}")
     for key in ("train", "eval"):
         check_precision(cfg[key].precision, f"{key}.precision", device)
-    view_count(cfg.eval)
     ColorJitter.from_config(cfg.data.jitter)
     plan_from_config(cfg.prune)
     check_quantization(cfg.quant.mode, device)
-    if cfg.prune.heal_epochs < 0:
-        raise ValueError(f"prune.heal_epochs must be >= 0, got {cfg.prune.heal_epochs}")
 
 
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """What goes wrong while the settings are checked is a setting's fault: a ConfigError (printed as one line)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from err

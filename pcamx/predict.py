@@ -18,16 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pcamx.checkpoint import CheckpointError
 from pcamx.compress.quant import QUANT_MODES
 from pcamx.data.transforms import TTA_VIEWS
 from pcamx.evaluation.operating_points import THRESHOLD_RULES, resolve_threshold
 from pcamx.inference.inputs import InputError, Skipped, batches, discover
-from pcamx.inference.region import TileGrid, read_region, tile_batches
+from pcamx.inference.region import MAX_PIXELS, TileGrid, read_region, tile_batches
 from pcamx.inference.scoring import SYNTHETIC_NOTE, predict_all, threshold_note, trained_on, write_csv
 from pcamx.inference.settings import LoadedModel, load_for_inference
 from pcamx.report.heatmap import plot_heatmap
 from pcamx.runtime import disk
+from pcamx.runtime.errors import UserError
+from pcamx.runtime.errors import report as report_error
 from pcamx.runtime.hardware import DEVICES, PRECISIONS, resolve_device
 
 log = logging.getLogger("pcamx")
@@ -62,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=96, help="--region: tile size in pixels (PCam patches are 96 px)")
     p.add_argument("--stride", type=int, default=None, help="--region: step between tiles (default: --tile)")
     p.add_argument("--heatmap", help="--region: heatmap image path (default: heatmap.png beside --out)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="--region: refuse larger images (decoding takes about 4 bytes a pixel)")
     p.add_argument("--out", help="CSV to write (default preds.csv; tiles.csv with --region); a .json with the "
                                  "same stem records how it was made")
     p.add_argument("--threshold", default="0.5",
@@ -87,6 +90,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError("give either INPUT files/folders or --region IMAGE (not both, not neither)")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = disk.check_writable(args.out or ("tiles.csv" if args.region else "preds.csv"), "--out")
+    disk.check_writable(out.with_suffix(".json"), "--out")
+    heatmap = disk.check_writable(args.heatmap or out.with_name("heatmap.png"), "--heatmap") if args.region else None
     loaded = load_for_inference(args.checkpoint, resolve_device(args.device), resolution=args.resolution,
                                 tta_views=args.tta_views, quant=args.quant, precision=args.precision)
     threshold = resolve_threshold(args.threshold, loaded.operating_points, where=loaded.source["path"])
@@ -95,9 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.warning(note)
     skipped = Skipped()
     if args.region:
-        out = Path(args.out or "tiles.csv")
-        image = read_region(args.region)
-        grid = TileGrid(image.shape[0], image.shape[1], args.tile, args.stride or args.tile)
+        image = read_region(args.region, args.max_pixels)
+        grid = TileGrid(image.height, image.width, args.tile, args.stride or args.tile)
         preds = predict_all(loaded, tile_batches(image, grid, args.batch_size, str(args.region)), len(grid),
                             desc="tiles")
         origins = [grid.origin(i) for i in preds.indices]
@@ -105,7 +110,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_csv(out, preds, threshold, {"row": [i // cols for i in preds.indices],
                                           "col": [i % cols for i in preds.indices],
                                           "y": [o[0] for o in origins], "x": [o[1] for o in origins]})
-        heatmap = Path(args.heatmap) if args.heatmap else out.with_name("heatmap.png")
         data = trained_on(loaded)
         title = (f"P(tumour) over {Path(args.region).name}: {rows}×{cols} tiles of {grid.tile} px, stride "
                  f"{grid.stride}" + (f"\n({SYNTHETIC_NOTE})" if data == "synthetic" else ""))
@@ -113,7 +117,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         extra = {"region": str(args.region), "tile": grid.tile, "stride": grid.stride, "grid": [rows, cols],
                  "heatmap": str(heatmap)}
     else:
-        out = Path(args.out or "preds.csv")
         sources = discover(args.inputs, skipped if args.skip_bad else None)
         total = sum(s.count for s in sources)
         preds = predict_all(loaded, batches(sources, args.batch_size, skipped if args.skip_bad else None,
@@ -132,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         record = run(args)
-    except (InputError, CheckpointError, ValueError) as err:
-        print(f"pcamx.predict: error: {err}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError) as err:
+        return report_error(err, "pcamx.predict")
     for item in record["skipped"]:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     where = f" ({record['note']})" if "note" in record else ""

@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
+from pcamx.runtime.errors import ConfigError
 from pcamx.runtime.hardware import resolve_device
 
 GROUPS = ["data", "model", "method", "prune", "quant", "hardware", "experiment", "debug"]
@@ -20,7 +21,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_completely(group: str, option: str) -> None:
-    cfg = compose_config(f"{group}={option}")
+    cfg = compose_config(f"{group}={option}")  # every bounded value in its range, too
     # Every field of the schema is set (a MISSING value raises here) and every interpolation resolves.
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     if group in ("data", "model", "method"):
@@ -70,3 +71,23 @@ def test_cuda_without_cuda_says_so() -> None:
 def test_unknown_device_lists_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="auto"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.epochs=-1"], "train.epochs=-1 is out of range: it must be >= 1"),
+    (["train.epochs=0"], "train.epochs=0 is out of range: it must be >= 1"),
+    (["data.batch_size=0"], "data.batch_size=0 is out of range: it must be >= 1"),
+    (["method=lora", "method.r=0"], "method.r=0 is out of range: it must be >= 1"),
+    (["method=lora", "method.alpha=0"], "method.alpha=0.0 is out of range: it must be > 0"),
+    (["method=fullft", "method.lr_backbone=-1e-4"], "method.lr_backbone=-0.0001 is out of range: it must be > 0"),
+    (["eval.tta_views=4"], "eval.tta_views=4 is out of range: it must be one of 1, 6, 8"),
+    (["eval.bootstrap=-5"], "eval.bootstrap=-5 is out of range: it must be >= 0"),
+    (["hardware.num_threads=0"], "hardware.num_threads=0 is out of range: it must be >= 1"),
+    (["prune=all", "prune.target_ratio=1.5"], "prune.target_ratio=1.5 is out of range: it must be in (0, 1]"),
+    (["train.label_smoothing=1"], "train.label_smoothing=1.0 is out of range: it must be in [0, 1)"),
+    (["data=synthetic", "data.n_valid=1"], "data.n_valid=1 is out of range: it must be >= 2"),
+])
+def test_a_value_out_of_its_range_fails_at_composition_naming_key_and_range(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(*overrides)
+    assert str(err.value) == message

@@ -154,6 +154,26 @@ def test_verify_finds_a_damaged_and_a_missing_file(server: FakeZenodo, tmp_path:
     assert "2 file(s) damaged or missing" in err and f"--root {root}" in err
 
 
+def test_verifying_nothing_fails_and_a_csv_is_checked_against_its_official_md5(
+        server: FakeZenodo, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "pcam"
+    download_pcam(root, base_url=server.base_url, md5s=server.md5s, progress=False)
+    (root / SUMS_FILE).unlink()  # files placed by hand: no sha256 recorded at extraction
+    monkeypatch.setattr(download, "PCAM_MD5", server.md5s)  # the stand-in server's files are the official ones
+    result = verify_pcam(root, progress=False)
+    h5 = [n for n in NAMES if n.endswith(".h5")]
+    csv = [n for n in NAMES if n.endswith(".csv")]
+    assert {result[n] for n in h5} == {"unverifiable"} and {result[n] for n in csv} == {"ok"}
+    with pytest.raises(SystemExit) as refused:
+        main(["--root", str(root), "--verify"])
+    assert refused.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{len(h5)} file(s) cannot be verified" in err and all(n in err for n in h5) and "SHA256SUMS" in err
+    damaged = root / csv[0]
+    damaged.write_bytes(damaged.read_bytes() + b"x")
+    assert verify_pcam(root, files=[csv[0]], progress=False) == {csv[0]: "damaged"}
+
+
 def test_resumes_a_partial_download_with_a_range_request(server: FakeZenodo, tmp_path: Path) -> None:
     name = file_name("valid", "x")
     gz = server.archives[f"{name}.gz"]

@@ -178,6 +178,15 @@ def test_bad_arguments_are_clear(tmp_path: Path, capsys) -> None:
         assert option in text
 
 
+def test_an_unwritable_out_is_refused_before_exporting(tiny_checkpoint: Path, tmp_path: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "to_onnx", lambda *a, **k: pytest.fail("exported before checking --out"))
+    out = tmp_path / "missing" / "model.onnx"
+    assert export.main([str(tiny_checkpoint), "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: the directory {out.parent} does not exist" in err[0]
+
+
 def test_bench_latency_figures() -> None:
     figures = export.export_latency_figures(tiny_model(), 32, 1, batch=1, iters=1, warmup=0)
     assert figures["onnxruntime_cpu_ms"] > 0 and figures["pytorch_cpu_ms"] > 0

@@ -29,7 +29,7 @@ from pcamx.runtime import disk, run_files
 from pcamx.runtime.interrupts import RunInterrupted
 from pcamx.runtime.locks import RunDirBusy
 from pcamx.training import loop as train
-from pcamx.training.loop import TrainingDiverged
+from pcamx.training.loop import ModelCollapsed, TrainingDiverged
 from pcamx.training.resume import ResumeMismatchError
 
 TINY_MODEL = {"name": "dinov3_tiny"}
@@ -65,23 +65,59 @@ def killed_run(small_pcam: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
     assert (run_dir / run_files.RESUME).is_file()
 
 
+# ---------------------------------------------------------------- nothing runs from a received file
+
+
+class RunsCode:
+    """What a hostile resume.pt holds: unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_resume_pt_that_would_run_code_is_refused_by_name_and_never_run(small_pcam: Path, tmp_path: Path) -> None:
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    run_dir.mkdir()
+    torch.save({"step": 3, "rng": RunsCode(marker)}, run_dir / run_files.RESUME)
+    with pytest.raises(CheckpointError) as err:
+        pipeline.run(compose_config(*overrides(small_pcam)), run_dir=run_dir)  # resume=auto reads it
+    assert not marker.exists()
+    message = str(err.value)
+    assert message.startswith(f"{run_dir / run_files.RESUME} holds Python objects other than tensors")
+    assert "resume=false" in message and "weights_only=False" not in message  # what to do, not torch's retry hint
+
+
 # ---------------------------------------------------------------- honest resume
 
 
-def test_resume_refuses_changed_training_settings_and_names_them(small_pcam: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_changed_training_settings_names_them_and_leaves_the_run_dir_as_it_was(
+        small_pcam: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
-    killed_run(small_pcam, run_dir, monkeypatch)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- train.lr=0.001\n")  # what Hydra writes for a job
+    kill_at(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(RunInterrupted):
+        pipeline.run(compose_config(*overrides(small_pcam)), run_dir=run_dir)
+    monkeypatch.undo()
+    before = snapshot(run_dir)
+    assert json.loads(before["metrics.json"])["status"] == "interrupted"
     for mode in ("resume=auto", "resume=true"):
+        # Hydra rewrites .hydra/ for the new command before pcamx runs: the refusal puts the old files back.
+        (run_dir / ".hydra" / "overrides.yaml").write_text("- train.lr=0.05\n")
         with pytest.raises(ResumeMismatchError) as err:
             pipeline.run(compose_config(*overrides(small_pcam, "train.lr=0.05", mode)), run_dir=run_dir)
         message = str(err.value)
         assert "train.lr: 0.001 in resume.pt → 0.05 now" in message
         assert "resume=false" in message and "hydra.run.dir" in message
         assert "seed" not in message  # only what differs
-    failed = json.loads((run_dir / "metrics.json").read_text())
-    assert failed["status"] == "failed" and "ResumeMismatchError" in failed["error"]
-    assert (run_dir / run_files.RESUME).is_file()  # the interrupted run's state is kept
+        assert snapshot(run_dir) == before  # metrics.json, resolved_config.yaml, .hydra/, resume.pt, checkpoints
     fresh = pipeline.run(compose_config(*overrides(small_pcam, "train.lr=0.05", "resume=false")), run_dir=run_dir)
     assert fresh["status"] == "ok" and fresh["train_steps"] == 8
 
@@ -90,7 +126,7 @@ def test_resume_accepts_settings_that_do_not_change_training_and_logs_it(
         small_pcam: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
     killed_run(small_pcam, run_dir, monkeypatch)
-    saved_seconds = read_checkpoint(run_dir / run_files.RESUME, weights_only=False)["seconds"]
+    saved_seconds = read_checkpoint(run_dir / run_files.RESUME)["seconds"]
     assert saved_seconds > 0
     caplog.set_level(logging.INFO, logger="pcamx")
     # Test-time evaluation, the data's location and the thread count change nothing about training.
@@ -98,6 +134,25 @@ def test_resume_accepts_settings_that_do_not_change_training_and_logs_it(
                                                      "train.save_last=false")), run_dir=run_dir)
     assert "resumed from step 4 of 8 (epoch 2 of 2)" in caplog.text  # saved at the end of epoch 1
     assert resumed["train_seconds"] >= round(saved_seconds, 2)  # the time before the kill counts too
+
+
+def test_a_kill_during_evaluation_resumes_after_the_last_step_and_counts_the_earlier_time(
+        small_pcam: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def die(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(pipeline, "evaluate_stage", die)
+    with pytest.raises(Killed):
+        pipeline.run(compose_config(*overrides(small_pcam)), run_dir=tmp_path)
+    monkeypatch.undo()
+    saved = read_checkpoint(tmp_path / run_files.RESUME)
+    assert saved["step"] == 8
+    caplog.set_level(logging.INFO, logger="pcamx")
+    resumed = pipeline.run(compose_config(*overrides(small_pcam)), run_dir=tmp_path)
+    assert "resumed after its last step (8): training is done, evaluation follows" in caplog.text
+    assert "epoch 3 of 2" not in caplog.text
+    assert resumed["train_seconds"] >= round(saved["seconds"], 2)
+    assert resumed["total_seconds"] >= resumed["train_seconds"]
 
 
 # ---------------------------------------------------------------- run directory ownership
@@ -160,6 +215,18 @@ def test_concurrent_runs_generate_synthetic_data_once(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- divergence
 
 
+def test_a_collapsed_model_is_stopped_as_diverged_not_reported_ok(small_pcam: Path, tmp_path: Path) -> None:
+    # The issue's probe: a learning rate so high that every validation patch gets the same probability.
+    cfg = compose_config(*fast_overrides(small_pcam, "method=fullft", "train.lr=1e4", "train.grad_clip=0",
+                                         "train.warmup_steps=0"))
+    with pytest.raises(ModelCollapsed, match=r"collapsed: validation after step \d+ predicted P\(tumour\) = \S+ "
+                                             r"for every one of its 128 patches"):
+        pipeline.run(cfg, run_dir=tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["reason"] == "collapsed"
+    assert not (tmp_path / "best.pt").exists()  # the collapsed weights were never a candidate
+
+
 def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(small_pcam: Path, tmp_path: Path) -> None:
     cfg = compose_config(*overrides(small_pcam, "method=fullft", "train.lr=1e6", "train.grad_clip=0",
                                     "train.checkpoint_every=1", "train.val_every=0.25", "train.warmup_steps=1"))
@@ -170,7 +237,7 @@ def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(small_pcam: P
     assert metrics["status"] == "failed" and metrics["reason"] == "diverged"
     for name in ("best.pt", "last.pt", run_files.RESUME):
         if (tmp_path / name).is_file():
-            state = read_checkpoint(tmp_path / name, weights_only=False)
+            state = read_checkpoint(tmp_path / name)
             weights = state["model"]
             assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), name
 
@@ -199,7 +266,7 @@ def test_sigterm_mid_training_saves_and_the_rerun_ends_identically(small_pcam: P
     assert err.value.step == 6 and err.value.exit_code == 143  # step 5 finished, then it stopped
     stopped = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGTERM" and stopped["step"] == 6
-    assert read_checkpoint(tmp_path / "run" / run_files.RESUME, weights_only=False)["step"] == 6
+    assert read_checkpoint(tmp_path / "run" / run_files.RESUME)["step"] == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
     resumed = pipeline.run(compose_config(*overrides(small_pcam)), run_dir=tmp_path / "run")
     for key in ("auroc", "nll", "brier", "ece", "acc", "sens_at_95spec"):
@@ -400,3 +467,39 @@ def test_a_sweep_job_killed_with_sigkill_still_gets_its_table(small_pcam: Path, 
     assert rows["1"]["override.train.epochs"] == "400"
     assert json.loads((sweep / "1" / "metrics.json").read_text())["reason"] == "lost"
     assert "1 failed" in (sweep / "summary.md").read_text() and (sweep / "roc.png").is_file()
+
+
+# ---------------------------------------------------------------- one line, not a traceback
+
+
+@pytest.mark.parametrize("case", ["tau", "data", "checkpoint"])
+def test_a_known_error_prints_one_line_naming_the_key_or_file_and_exits_2(
+        small_pcam: Path, tmp_path: Path, case: str, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    extra, named = {"tau": (["prune=heads", "prune.tau=1.5"], "prune.tau"),
+                    "data": ([f"data.root={tmp_path / 'nowhere'}"], str(tmp_path / "nowhere")),
+                    "checkpoint": ([f"checkpoint={garbage}"], str(garbage))}[case]
+    monkeypatch.setattr(pipeline, "resolve_run_dir", lambda _: tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.run_job(compose_config(*fast_overrides(small_pcam, *extra)))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(SystemExit):
+        pipeline.run_job(compose_config(*fast_overrides(small_pcam, *extra)))
+    assert "Traceback" in capsys.readouterr().err  # the whole story on request
+
+
+def test_an_unexpected_error_keeps_its_traceback(small_pcam: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "resolve_run_dir", lambda _: tmp_path)
+
+    def broken(_):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(pipeline, "load_data", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        pipeline.run_job(compose_config(*fast_overrides(small_pcam)))

@@ -107,7 +107,7 @@ def test_bad_precision_and_tiebreak_fail_at_composition_with_the_allowed_values(
 
 
 def test_bad_views_and_jitter_fail_before_any_data_is_read(tmp_path: Path) -> None:
-    for override, match in (("eval.tta_views=4", "eval.tta_views must be one of"),
+    for override, match in (("eval.tta_views=4", "eval.tta_views=4 is out of range: it must be one of 1, 6, 8"),
                             ("data.jitter.hue=0.7", "data.jitter.hue")):
         with pytest.raises(ValueError, match=match):
             pipeline.run(compose_config(*fast_overrides(tmp_path / "no-data", override)), run_dir=tmp_path / "r")

@@ -27,7 +27,7 @@ from pcamx.evaluation.operating_points import (
     youden_threshold,
 )
 from pcamx.inference.inputs import InputError, Skipped, batches, discover
-from pcamx.inference.region import TileGrid, read_region, tile_batches
+from pcamx.inference.region import MAX_PIXELS, TileGrid, read_region, tile_batches
 from pcamx.pipeline import run
 from pcamx.runtime import run_files
 
@@ -270,7 +270,8 @@ def test_tiles_with_overlap_are_the_image_windows() -> None:
     image = rng.integers(0, 256, (130, 200, 3), dtype=np.uint8)
     grid = TileGrid(130, 200, tile=64, stride=48)
     assert grid.shape == (2, 3) and len(grid) == 6
-    got = torch.cat([b.images for b in tile_batches(image, grid, 4, "r")]).numpy()
+    got = torch.cat([b.images for b in tile_batches(Image.fromarray(image), grid, 4, "r")]).numpy()
+    assert len(got) == len(grid)  # batches of 4 that run across rows of tiles
     for i in range(len(grid)):
         y, x = grid.origin(i)
         np.testing.assert_array_equal(got[i], image[y:y + 64, x:x + 64])
@@ -298,20 +299,36 @@ def test_heatmap_cells_sit_on_their_tiles_centres(tile: int, stride: int) -> Non
         assert grid.cell_extent() == (0, cols * tile, rows * tile, 0)
 
 
-def test_region_reads_images_beyond_pil_bomb_limit(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    image = np.random.default_rng(0).integers(0, 256, (600, 40, 3), dtype=np.uint8)  # more rows than a strip
+def test_a_region_above_the_pixel_limit_is_refused_before_decoding_unless_allowed(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (600, 40, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "big.png")
-    region = read_region(tmp_path / "big.png")
-    assert region.dtype == np.uint8
-    np.testing.assert_array_equal(region, image)
-    assert Image.MAX_IMAGE_PIXELS == 100
+    with pytest.raises(InputError, match=r"big.png is 40×600 = 0 Mpx, above the limit of 0 Mpx; decoding it takes "
+                                         r"about 0.0 GB of memory. Pass --max-pixels 24000") as err:
+        read_region(tmp_path / "big.png", max_pixels=23_999)
+    assert "pcamx.wsi" in str(err.value)
+    region = read_region(tmp_path / "big.png", max_pixels=24_000)
+    np.testing.assert_array_equal(np.asarray(region), image)
+    assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS  # Pillow's own limit is left on
     Image.fromarray(image[..., 0]).save(tmp_path / "grey.png")
     with pytest.raises(InputError, match="grey.png is a L image .1 channel.; pcamx models take RGB"):
         read_region(tmp_path / "grey.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:500])
     with pytest.raises(InputError, match="cut.png could not be read"):
         read_region(tmp_path / "cut.png")
+
+
+def test_outputs_are_checked_before_any_work(tiny_run: Path, tmp_path: Path, test_patches: np.ndarray,
+                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    np.save(tmp_path / "x.npy", test_patches[:4])
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    for out, why in ((tmp_path / "missing" / "p.csv", "does not exist"), (tmp_path, "is a directory")):
+        assert cli.main([str(tiny_run), str(tmp_path / "x.npy"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out}" in err[0] and why in err[0], err
+    (tmp_path / "file").write_text("")
+    assert cli.main([str(tiny_run), "--region", "r.png", "--out", str(tmp_path / "t.csv"),
+                     "--heatmap", str(tmp_path / "file" / "h.png")]) == 2
+    assert "--heatmap" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bad input

@@ -149,6 +149,11 @@ def test_cli_exit_status_says_whether_a_run_failed(tmp_path: Path, capsys: pytes
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli([str(empty)]) == 2
+    # Nothing to report writes nothing: the sweep's earlier tables and figures stay as they were.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()}
+    assert cli([str(empty), "--out", str(tmp_path / "tables")]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()} == before
+    assert "no run directories" in capsys.readouterr().err and not list(empty.iterdir())
 
 
 def test_callback_writes_what_the_cli_writes(sweep: Path, tmp_path: Path) -> None:

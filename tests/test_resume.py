@@ -10,6 +10,7 @@ import pytest
 from conftest import compose_config, fast_overrides
 from pcamx import pipeline
 from pcamx.runtime import run_files
+from pcamx.runtime.errors import ConfigError
 from pcamx.training import loop as train
 
 
@@ -53,7 +54,7 @@ def test_resume_after_kill_reproduces_uninterrupted_metrics(small_pcam: Path, tm
 
 
 def test_resume_true_without_state_says_where_it_looked(small_pcam: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="resume=true but .*resume.pt does not exist"):
+    with pytest.raises(ConfigError, match="resume=true but .*resume.pt does not exist"):
         pipeline.run(compose_config(*overrides(small_pcam, "resume=true")), run_dir=tmp_path)
 
 

@@ -22,12 +22,13 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 from pcamx.compress.chain import STEPS
 from pcamx.model import PCamClassifier, build_classifier
 from pcamx.runtime import disk, run_files
+from pcamx.runtime.errors import UserError
 
 SPEC_FORMAT = 2  # 1: per-layer head counts, MLP widths and ranks (read, converted to step shapes)
 _METADATA = {"format": "pt"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The weights in a compressed checkpoint do not fit the architecture it records."""
 
 

@@ -23,13 +23,14 @@ import torch
 
 from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, SLIDE_COLUMN, X_KEY, Y_KEY, file_name, meta_file_name
 from pcamx.data.synthetic import is_synthetic
+from pcamx.runtime.errors import UserError
 
 DOWNLOAD_HINT = "python -m pcamx.data.download --root {root}"
 # Rows per contiguous read: large enough to amortize chunk decompression, small enough to bound RAM.
 SLAB_ROWS = 4096
 
 
-class PCamDataError(RuntimeError):
+class PCamDataError(UserError, RuntimeError):
     """A PCam file is missing, damaged or does not have the official layout."""
 
 

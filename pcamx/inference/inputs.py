@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pcamx.data.layout import X_KEY
+from pcamx.runtime.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".h5", ".hdf5", ".npy")
@@ -27,7 +28,7 @@ ARRAY_SUFFIXES = (".h5", ".hdf5", ".npy")
 ARRAY_SLAB = 1024
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input cannot be read as RGB patches; the message names the file and what to do."""
 
 

@@ -1,10 +1,11 @@
-"""A large RGB image (a region of a slide) cut into overlapping tiles for `pcamx.predict --region`
-(the heatmap of their probabilities: pcamx.report.heatmap).
+"""A large RGB image (a region of a slide) cut into overlapping tiles for `pcamx.predict --region` (the heatmap of
+their probabilities: pcamx.report.heatmap).
 
-The image is decoded once (3 bytes per pixel); tiles are views into it, copied a batch at a time, so memory
-beyond the image itself is one batch whatever the image's size. Tile (r, c) covers rows r·stride ..
-r·stride + tile and columns c·stride .. c·stride + tile; a margin narrower than a tile at the right and
-bottom edges is not covered.
+The image is decoded once, by Pillow (about 4 bytes a pixel), and nothing else of its size is ever made: tiles
+are cut from one strip of `tile` rows at a time, copied a batch at a time. Pillow's decompression-bomb limit
+stays on: an image above `max_pixels` is refused before it is decoded, saying what it would take in memory and
+how to allow it. Tile (r, c) covers rows r·stride .. r·stride + tile and columns c·stride .. c·stride + tile; a
+margin narrower than a tile at the right and bottom edges is not covered. (Whole-slide images: pcamx.wsi.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from PIL import Image
 from pcamx.inference.inputs import Batch, InputError, check_rgb
 
 REGION_SUFFIXES = (".png", ".tif", ".tiff")
-REGION_STRIP = 256  # rows copied out of the decoded image at a time
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb limit (~89 Mpx), unless --max-pixels raises it
+PIL_BYTES_PER_PIXEL = 4  # Pillow keeps RGB as 32-bit pixels
 
 
 @dataclass(frozen=True)
@@ -59,38 +61,51 @@ class TileGrid:
         return row * self.stride, col * self.stride
 
 
-def read_region(path: str | Path) -> np.ndarray:
-    """A region image as uint8 (H, W, 3); PNG or TIFF, any size (PIL's decompression-bomb guard is lifted:
-    the file is the user's own)."""
+def read_region(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A region image (PNG or TIFF, RGB), decoded; InputError when it is missing, of another kind, above
+    `max_pixels` (checked from its header, before decoding) or unreadable."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"region image {path} does not exist")
     if path.suffix.lower() not in REGION_SUFFIXES:
         raise InputError(f"region image {path}: give a {' or '.join(REGION_SUFFIXES)} file")
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own check below, with our message
     try:
-        with Image.open(path) as img:
-            check_rgb(img, path)
-            img.load()
-            # Copied out in strips: np.asarray(img) would hold a second full-size copy (PIL's bytes) at once.
-            out = np.empty((img.height, img.width, 3), dtype=np.uint8)
-            for top in range(0, img.height, REGION_STRIP):
-                bottom = min(top + REGION_STRIP, img.height)
-                out[top:bottom] = np.asarray(img.crop((0, top, img.width, bottom)))
-            return out
+        img = Image.open(path)
+        pixels = img.width * img.height
+        if pixels > max_pixels:
+            img.close()
+            raise InputError(
+                f"region image {path} is {img.width}×{img.height} = {pixels / 1e6:,.0f} Mpx, above the limit of "
+                f"{max_pixels / 1e6:,.0f} Mpx; decoding it takes about {pixels * PIL_BYTES_PER_PIXEL / 1e9:.1f} GB "
+                f"of memory. Pass --max-pixels {pixels} if this machine has that, or read the slide it comes from "
+                "with python -m pcamx.wsi, which never holds a whole level")
+        check_rgb(img, path)
+        img.load()
+        return img
     except (OSError, SyntaxError) as err:
         raise InputError(f"region image {path} could not be read ({type(err).__name__}: {err})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def tile_batches(image: np.ndarray, grid: TileGrid, batch_size: int, name: str) -> Iterator[Batch]:
-    """The tiles of `image`, `batch_size` at a time, row by row."""
-    windows = np.lib.stride_tricks.sliding_window_view(image, (grid.tile, grid.tile), axis=(0, 1))
-    windows = windows[:: grid.stride, :: grid.stride]  # (rows, cols, 3, tile, tile): views, no copy
-    cols = grid.shape[1]
-    for start in range(0, len(grid), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(grid)))
-        r, c = np.divmod(idx, cols)
-        tiles = np.ascontiguousarray(windows[r, c].transpose(0, 2, 3, 1))  # → NHWC
-        yield Batch(torch.from_numpy(tiles), [name] * len(idx), idx.tolist())
+def tile_batches(image: Image.Image, grid: TileGrid, batch_size: int, name: str) -> Iterator[Batch]:
+    """The tiles of `image`, `batch_size` at a time, row by row; one strip of `tile` rows is copied out at a time."""
+    buffer = np.empty((batch_size, grid.tile, grid.tile, 3), dtype=np.uint8)
+    filled, first = 0, 0
+    rows, cols = grid.shape
+    for row in range(rows):
+        top = row * grid.stride
+        strip = np.asarray(image.crop((0, top, image.width, top + grid.tile)))  # (tile, width, 3)
+        windows = np.lib.stride_tricks.sliding_window_view(strip, grid.tile, axis=1)[:, ::grid.stride][:, :cols]
+        windows = windows.transpose(1, 0, 3, 2)  # (cols, tile rows, tile columns, 3): views into the strip
+        col = 0
+        while col < cols:
+            take = min(batch_size - filled, cols - col)
+            buffer[filled:filled + take] = windows[col:col + take]
+            filled, col = filled + take, col + take
+            if filled == batch_size:
+                yield Batch(torch.from_numpy(buffer.copy()), [name] * filled, list(range(first, first + filled)))
+                first, filled = first + filled, 0
+    if filled:
+        yield Batch(torch.from_numpy(buffer[:filled].copy()), [name] * filled, list(range(first, first + filled)))

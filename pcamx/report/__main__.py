@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pcamx.report.runs import any_failed
-from pcamx.report.summary import STYLES, summarize
+from pcamx.report.runs import any_failed, collect_runs
+from pcamx.report.summary import STYLES, write_summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,14 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None and len(args.dirs) > 1:
         parser.error("several DIRs: say where the tables go with --out")
     out = args.out or args.dirs[0]
+    runs = collect_runs(args.dirs)
+    if not runs:  # nothing is written: an earlier summary in --out stays as it was
+        print(f"pcamx.report: error: no run directories (metrics.json or .hydra/overrides.yaml) under "
+              f"{' '.join(map(str, args.dirs))}; nothing written", file=sys.stderr)
+        return 2
     try:
-        runs, paths = summarize(args.dirs, out, args.style, args.baseline, args.ci)
+        paths = write_summary(runs, out, args.style, args.baseline, args.ci)
     except ValueError as err:
         parser.error(str(err))
-    if not runs:
-        print(f"no run directories (metrics.json or .hydra/overrides.yaml) under {' '.join(map(str, args.dirs))}",
-              file=sys.stderr)
-        return 2
     print(paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     if any_failed(runs):

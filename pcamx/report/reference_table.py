@@ -19,6 +19,7 @@ from pcamx.compress.quant import EvalPrecision
 from pcamx.evaluation.metrics import METRIC_NAMES
 from pcamx.report.format import VALUE_COLUMNS, format_change, format_interval, format_value, percent_change
 from pcamx.report.runs import SIGNIFICANT, SYNTHETIC_NOTE, RunRecord, format_budget, md_escape, shorten
+from pcamx.runtime.errors import UserError
 
 COLUMNS = ("Method", "Quantization", *(header for _, header in VALUE_COLUMNS))
 ALIGN = ("---", "---", "---", *("---:",) * (len(VALUE_COLUMNS) - 1))
@@ -31,7 +32,7 @@ ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP = {"up_proj", "down_proj"}
 
 
-class BaselineError(ValueError):
+class BaselineError(UserError, ValueError):
     """The baseline run asked for is not among the runs or did not finish ok."""
 
 

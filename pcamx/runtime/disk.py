@@ -20,6 +20,8 @@ from typing import IO, Any
 
 import torch
 
+from pcamx.runtime.errors import OutputError, UserError
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -32,7 +34,7 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """A write failed for lack of space; says where, how much was needed and how much was free."""
 
     def __init__(self, path: Path, needed: int | None):
@@ -164,3 +166,20 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Path | torch.device):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """`path` if a file can be written there (checked before any work, by creating and removing a temp file beside
+    it); an OutputError naming `flag` (the option that gave it) and the directory otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a directory; give the path of a file to write")
+    if not path.parent.is_dir():
+        raise OutputError(f"{flag} {path}: the directory {path.parent} does not exist; create it first, or give "
+                          f"{flag} a path in an existing directory")
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror}); give {flag} a path in "
+                          "a writable directory") from None
+    return path

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pcamx.runtime import disk, run_files
+from pcamx.runtime.errors import UserError
 
 log = logging.getLogger("pcamx")
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -122,7 +123,7 @@ class FileLock:
         self._fd = None
 
 
-class RunDirBusy(LockBusy):
+class RunDirBusy(UserError, LockBusy):
     """The run directory belongs to a run that is still going."""
 
 

@@ -30,6 +30,7 @@ from pcamx.evaluation.operating_points import operating_points, threshold_metric
 from pcamx.inference.settings import InferenceSettings
 from pcamx.model import PCamClassifier
 from pcamx.runtime import interrupts, run_files
+from pcamx.runtime.errors import UserError
 from pcamx.runtime.hardware import autocast
 from pcamx.runtime.interrupts import RunInterrupted
 from pcamx.runtime.tracking import Tracker
@@ -52,6 +53,7 @@ class Session:
     distill: Distillation | None = None  # a teacher to distill from (healing)
     start_val: dict[str, float] | None = None  # the starting weights' validation metrics: a candidate too
     step_offset: int = 0  # logged steps continue after an earlier session
+    resume: dict[str, Any] | None = None  # a resume.pt's state already read (else train reads run_dir's)
 
 
 @dataclass
@@ -61,7 +63,8 @@ class TrainResult:
     best_val: dict[str, float] = field(default_factory=dict)
     last_val: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time, earlier interrupted attempts included
+    seconds_before: float = 0.0  # of which earlier attempts
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,19 @@ class Distillation:
         return distillation_loss(student_logits, teacher_logits, self.temperature)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """A non-finite loss, gradient norm, weight or prediction: training stopped, nothing from then was saved."""
 
     reason = "diverged"
+
+
+class ModelCollapsed(TrainingDiverged):
+    """Validation found one constant probability for every patch: the model no longer tells them apart."""
+
+    reason = "collapsed"
+
+
+COLLAPSE_SPREAD = 1e-9  # largest max − min of validation probabilities that counts as one constant
 
 
 def validation_settings(cfg: Mapping[str, Any]) -> InferenceSettings:
@@ -102,6 +114,12 @@ def validate(model, split: PCamSplit, device, cfg: Mapping[str, Any], step: int 
         raise TrainingDiverged(f"training diverged: validation{where} predicted NaN/inf for {bad} of {len(probs)} "
                                "patches; nothing from this point on was saved. Lower the learning rate or clip "
                                "gradients (train.grad_clip), then start over.")
+    if probs.max() - probs.min() <= COLLAPSE_SPREAD:
+        where = f" after step {step}" if step is not None else ""
+        raise ModelCollapsed(f"training collapsed: validation{where} predicted P(tumour) = {probs[0]:.6g} for every "
+                             f"one of its {len(probs)} patches; nothing from this point on was saved. Lower the "
+                             "learning rate (train.lr, method.lr_*), keep gradient clipping and warmup on "
+                             "(train.grad_clip, train.warmup_steps), then start over (resume=false).")
     metrics = binary_metrics(labels, probs)
     metrics["val_loss"] = smoothed_ce_from_probs(labels, probs, cfg["train"]["label_smoothing"])
     return metrics | threshold_metrics(labels, probs)
@@ -274,10 +292,13 @@ def train(
         loop.result.best_val, loop.result.best_step, loop.best_state = session.start_val, 0, plain_state_dict(model)
     model.to(device).train()
     forward = torch.compile(model) if cfg["hardware"]["compile"] else model
-    if keep and (state := resume.load_state(session.run_dir, cfg["resume"], settings)) is not None:
+    state = session.resume or (resume.load_state(session.run_dir, cfg["resume"], settings) if keep else None)
+    if state is not None:
         loop.restore(model, state)
-        log.info("resumed from step %d of %d (epoch %d of %d) in %s", loop.step, total_steps,
-                 loop.step // steps_per_epoch + 1, session.epochs, session.run_dir / run_files.RESUME)
+        where = (f"from step {loop.step} of {total_steps} (epoch {loop.step // steps_per_epoch + 1} of "
+                 f"{session.epochs})" if loop.step < total_steps else f"after its last step ({total_steps}): "
+                 "training is done, evaluation follows")
+        log.info("resumed %s in %s", where, session.run_dir / run_files.RESUME)
     log.info("%s: %d steps (%d epochs x %d), batch %d, %s", session.name, total_steps, session.epochs,
              steps_per_epoch, dcfg["batch_size"], tcfg["precision"])
     if session.distill is not None:
@@ -343,6 +364,7 @@ def train(
         watch.flush()
     bar.close()
     loop.result.steps, loop.result.seconds = loop.step, loop.seconds_before + time.time() - started
+    loop.result.seconds_before = loop.seconds_before
 
     merge_lora(model)
     if keep and tcfg["save_last"] and loop.step:

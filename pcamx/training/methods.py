@@ -22,6 +22,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from pcamx.model import PCamClassifier
+from pcamx.runtime.conf import ranged
 
 NORMS_BIAS = ("none", "norms", "bias", "both")  # method.train_norms_bias: which backbone tensors also train
 MLP_TARGETS = ("up_proj", "down_proj")  # what method.include_mlp adds to LoRA's targets
@@ -30,17 +31,26 @@ MLP_TARGETS = ("up_proj", "down_proj")  # what method.include_mlp adds to LoRA's
 # ---------------------------------------------------------------- the typed configs (MISSING: conf/ gives them)
 
 
+def _lr() -> Any:
+    return ranged(0, lo_open=True)  # a group's learning rate (null: train.lr)
+
+
+def _decay() -> Any:
+    return ranged(0)  # a group's weight decay (null: train.weight_decay)
+
+
+
 @dataclass
 class MethodConfig:
     name: str = MISSING
-    lr_head: float | None = MISSING
-    wd_head: float | None = MISSING
+    lr_head: float | None = _lr()
+    wd_head: float | None = _decay()
 
 
 @dataclass
 class NormsBiasConfig(MethodConfig):
-    lr_norms_bias: float | None = MISSING
-    wd_norms_bias: float | None = MISSING
+    lr_norms_bias: float | None = _lr()
+    wd_norms_bias: float | None = _decay()
     train_norms_bias: str = MISSING  # one of NORMS_BIAS (an enum in the schema)
 
 
@@ -51,20 +61,20 @@ class HeadOnlyConfig(NormsBiasConfig):
 
 @dataclass
 class LoraConfig(NormsBiasConfig):
-    lr_lora: float | None = MISSING
-    wd_lora: float | None = MISSING
-    r: int = MISSING
-    alpha: float = MISSING
-    dropout: float = MISSING
-    lora_a_std: float | None = MISSING
+    lr_lora: float | None = _lr()
+    wd_lora: float | None = _decay()
+    r: int = ranged(1)
+    alpha: float = ranged(0, lo_open=True)
+    dropout: float = ranged(0, 1, hi_open=True)
+    lora_a_std: float | None = ranged(0, lo_open=True)
     targets: list[str] = MISSING
     include_mlp: bool = MISSING
 
 
 @dataclass
 class FullFTConfig(MethodConfig):
-    lr_backbone: float | None = MISSING
-    wd_backbone: float | None = MISSING
+    lr_backbone: float | None = _lr()
+    wd_backbone: float | None = _decay()
 
 
 # ---------------------------------------------------------------- parameter groups

@@ -19,6 +19,7 @@ import torch
 
 from pcamx.checkpoint import read_checkpoint, save_checkpoint
 from pcamx.runtime import run_files
+from pcamx.runtime.errors import ConfigError, UserError
 
 log = logging.getLogger("pcamx")
 
@@ -29,7 +30,7 @@ NOT_TRAINING = ("wandb", "resume", "checkpoint", "data.root", "prune", "quant", 
                 "train.checkpoint_every", "hardware.num_threads", "hardware.precision")
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
     """resume.pt was written by a run with other training settings."""
 
 
@@ -59,25 +60,35 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 
 
 def get_rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values: resume.pt loads with torch's weights_only, which never
+    unpickles code (a numpy array or a class in it would need the full unpickler)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_state(run_dir: Path, state: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
-    """Write resume.pt (verified on load) with the RNG states and the settings fingerprint."""
-    return save_checkpoint({**state, "rng": get_rng_state(), "fingerprint": dict(settings)}, run_dir / run_files.RESUME)
+    """Write resume.pt (verified on load) with the RNG states, the settings fingerprint and this run's .hydra/
+    files (Hydra rewrites them before a rerun starts: a refused rerun puts these back)."""
+    hydra = {p.name: p.read_text() for p in sorted((run_dir / run_files.HYDRA_DIR).glob("*.yaml"))}
+    return save_checkpoint({**state, "rng": get_rng_state(), "fingerprint": dict(settings), "hydra_files": hydra},
+                           run_dir / run_files.RESUME)
 
 
 def load_state(run_dir: Path, resume: str | bool, settings: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -92,18 +103,20 @@ def load_state(run_dir: Path, resume: str | bool, settings: Mapping[str, Any]) -
         return None
     if not path.is_file():
         if resume is True or resume == "true":
-            raise FileNotFoundError(
-                f"resume=true but {path} does not exist; point hydra.run.dir at the interrupted run's directory"
-            )
+            raise ConfigError(f"resume=true but {path} does not exist; point hydra.run.dir at the interrupted "
+                              "run's directory, or use resume=auto")
         return None
-    state = read_checkpoint(path, weights_only=False)  # RNG states hold numpy arrays
+    state = read_checkpoint(path)
     saved = state.get("fingerprint")
     diff = ["(resume.pt has no settings fingerprint: it was written by an older pcamx)"] if saved is None else \
         differences(saved, settings)
     if diff:
-        raise ResumeMismatchError(
+        err = ResumeMismatchError(
             f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) + "\n"
             "Continuing it would mix two trainings. Either rerun with the original settings to continue it, "
             "start over in this directory with resume=false, or give this run a new directory (hydra.run.dir=...)."
         )
+        err.hydra_files = {run_dir / run_files.HYDRA_DIR / name: text.encode()
+                           for name, text in (state.get("hydra_files") or {}).items()}
+        raise err
     return state
