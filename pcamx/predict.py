@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `main` does, returning what the .json beside the CSV records."""
     if bool(args.inputs) == bool(args.region):
         raise InputError("give either INPUT files/folders or --region IMAGE (not both, not neither)")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers), ("--tile", args.tile),
+                        ("--stride", args.stride or args.tile), ("--max-pixels", args.max_pixels)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
     out = disk.check_writable(args.out or ("tiles.csv" if args.region else "preds.csv"), "--out")
     disk.check_writable(out.with_suffix(".json"), "--out")
     heatmap = disk.check_writable(args.heatmap or out.with_name("heatmap.png"), "--heatmap") if args.region else None

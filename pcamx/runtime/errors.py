@@ -26,7 +26,10 @@ class OutputError(UserError, OSError):
 def one_line(err: BaseException) -> str:
     """The error's message on one line (a multi-line message's lines joined with "; ")."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return "; ".join(lines) or type(err).__name__
+    text = ""
+    for line in lines:  # "…with:" introduces the next line; other lines are items of their own
+        text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text or type(err).__name__
 
 
 def report(err: BaseException, prog: str = "") -> int:
