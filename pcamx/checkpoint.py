@@ -91,9 +91,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as err:
         found = _UNSUPPORTED.search(str(err))
+        if found is None:  # torch's message for garbage suggests weights_only=False: never the way out here
+            raise CheckpointError(f"{path} could not be read: it is damaged or is not a pcamx checkpoint. Use "
+                                  "another checkpoint of the run (best.pt / last.pt / compressed/) or train "
+                                  "again") from None
         raise CheckpointError(
-            f"{path} holds Python objects other than tensors and plain values"
-            + (f" ({found.group(1)})" if found else "") + ", which pcamx never loads (loading them can run code): "
+            f"{path} holds Python objects other than tensors and plain values ({found.group(1)}), which pcamx "
+            "never loads (loading them can run code): "
             "it was not written by this version of pcamx, or it was altered. Use a checkpoint pcamx wrote; for a "
             "resume.pt, start over with resume=false or a new hydra.run.dir") from None
     except Exception as err:

@@ -73,6 +73,7 @@ class DataConfig:
     name: DataName = MISSING
     root: str = MISSING
     resolution: int = ranged(1)
+    mpp: float = ranged(0, lo_open=True)
     batch_size: int = ranged(1)
     eval_batch_size: int = ranged(1)
     limit_train: int = ranged(0)

@@ -102,7 +102,7 @@ def test_cli_export_takes_uint8_patches_and_returns_probabilities(cli_export, ti
     assert record["settings"] == {"resolution": 48, "tta_views": 8, "precision": "fp32", "batch": "dynamic",
                                   "opset": export.OPSET,
                                   "checkpoint_settings": {"resolution": 48, "tta_views": 8, "precision": "fp32",
-                                                          "quant": "none"}}
+                                                          "quant": "none", "mpp": None}}
     assert set(record["parity"]["per_input"]) == {"random@batch1", "random@batch3", "synthetic@batch1",
                                                   "synthetic@batch3"}
     assert record["parity"]["max_abs_diff"] <= 1e-4

@@ -153,7 +153,7 @@ def test_pngs_of_test_patches_reproduce_the_runs_predictions(tiny_run: Path, tes
     assert len(by_file) == len(expected)
     np.testing.assert_allclose([by_file[f"{i:04d}"] for i in range(len(expected))], expected, atol=2e-7)
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["settings"] == {"resolution": 32, "tta_views": 8, "precision": "fp32", "quant": "none"}
+    assert record["settings"] == {"resolution": 32, "tta_views": 8, "precision": "fp32", "quant": "none", "mpp": 0.972}
     assert record["trained_on"] == "synthetic" and "synthetic" in record["note"]
 
 
@@ -194,7 +194,7 @@ def test_run_stores_thresholds_chosen_on_validation_and_reports_test_rates(tiny_
     # best.pt (this run's final model) carries the same record; last.pt its own validation pass's.
     best = read_checkpoint(tiny_run / "best.pt")
     assert best[OPERATING_POINTS_KEY] == points
-    assert best[INFERENCE_KEY] == {"resolution": 32, "tta_views": 8, "precision": "fp32", "quant": "none"}
+    assert best[INFERENCE_KEY] == {"resolution": 32, "tta_views": 8, "precision": "fp32", "quant": "none", "mpp": 0.972}
     last = read_checkpoint(tiny_run / "last.pt")
     assert last[OPERATING_POINTS_KEY]["measured_with"]["tta_views"] == 1  # eval.val_tta=false
     assert last[OPERATING_POINTS_KEY]["thresholds"]["youden"] == last["val_metrics"]["threshold_youden"]
@@ -229,7 +229,8 @@ def test_compressed_and_quantized_runs_predict_as_they_were_evaluated(small_pcam
     run(compose_config(*fast_overrides(small_pcam, "prune=all",
                                        "prune.tau=0.9", f"quant={quant}", "eval.tta_views=6")), run_dir)
     spec = json.loads((run_dir / "compressed" / run_files.ARCHITECTURE).read_text())
-    assert spec["extra"][INFERENCE_KEY] == {"resolution": 32, "tta_views": 6, "precision": "fp32", "quant": quant}
+    assert spec["extra"][INFERENCE_KEY] == {"resolution": 32, "tta_views": 6, "precision": "fp32", "quant": quant,
+                                            "mpp": 0.972}
     assert spec["extra"][OPERATING_POINTS_KEY] == json.loads((run_dir / "metrics.json").read_text())[
         "operating_points"]
     np.save(tmp_path / "x.npy", test_patches)
@@ -435,7 +436,8 @@ def test_bad_checkpoints_and_arguments_exit_2_with_the_reason(tiny_run: Path, tm
     np.save(tmp_path / "x.npy", np.zeros((1, 96, 96, 3), np.uint8))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert _predict(tmp_path / "junk.pt", tmp_path / "x.npy") == 2
-    assert "junk.pt could not be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "junk.pt could not be read" in err and "weights_only" not in err  # no advice to run untrusted code
     assert _predict(tmp_path / "missing", tmp_path / "x.npy") == 2
     assert "does not exist" in capsys.readouterr().err
     assert _predict(tiny_run) == 2

@@ -32,12 +32,14 @@ from pcamx.runtime.hardware import check_precision
 @dataclass(frozen=True)
 class InferenceSettings:
     """How a model turns uint8 patches into P(tumor): the input resolution (patches are resized to it as in
-    training), the TTA views averaged, the autocast precision of an unquantized model, the quantization."""
+    training), the TTA views averaged, the autocast precision of an unquantized model, the quantization, and the
+    µm per pixel of the patches it was trained on (what pcamx.wsi reads slides at; None: not recorded)."""
 
     resolution: int
     tta_views: int
     precision: str = "fp32"
     quant: str = "none"
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
@@ -55,12 +57,13 @@ class InferenceSettings:
 
         quant = str(config["quant"]["mode"])
         precision = "fp32" if quant != "none" else str(config["eval"]["precision"])
-        return cls(int(config["data"]["resolution"]), view_count(config["eval"]), precision, quant)
+        return cls(int(config["data"]["resolution"]), view_count(config["eval"]), precision, quant,
+                   config["data"].get("mpp"))
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> InferenceSettings:
         return cls(int(record["resolution"]), int(record["tta_views"]), str(record.get("precision", "fp32")),
-                   str(record.get("quant", "none")))
+                   str(record.get("quant", "none")), record.get("mpp"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
