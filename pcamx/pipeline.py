@@ -134,7 +134,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 def _write_failure(run_dir: Path, err: Exception) -> None:
     disk.write_json(run_dir / run_files.METRICS, {
-        "status": "failed", "reason": getattr(err, "reason", "error"), "error": f"{type(err).__name__}: {err}",
+        "status": getattr(err, "status", "failed"), "reason": getattr(err, "reason", "error"),
+        "error": f"{type(err).__name__}: {err}",
         "traceback": traceback.format_exc(), "run_dir": str(run_dir),
     })
 
@@ -155,7 +156,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # Earlier, interrupted attempts count too: total_seconds is never below train_seconds.
     total = time.time() - started + run.seconds_before
     metrics = {"status": "ok", **evaluated, **operating, **calibration, **describe(run, origin, len(labels)),
-               **trained, **compressed, "total_seconds": round(total, 2), "run_dir": str(run_dir)}
+               **trained, **compressed, "val_final": binary_metrics(val_labels, val_probs),
+               "total_seconds": round(total, 2), "run_dir": str(run_dir)}
     report_stage(run, labels, probs, calibrated, metrics)
     return metrics
 

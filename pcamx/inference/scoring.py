@@ -5,13 +5,14 @@ settings). `pcamx.predict` (patches, regions) and `pcamx.wsi` (slides) share it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcamx.evaluation.evaluate import predict_batch
@@ -30,25 +31,49 @@ class Predictions:
     probs: np.ndarray
 
 
+def as_patches(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 NHWC tiles of another size made `size`-px patches as a stored patch is (antialiased bilinear,
+    rounded to uint8), on their device; tiles of that size are returned as they are."""
+    if images.shape[1] == images.shape[2] == size:
+        return images
+    x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", align_corners=False,
+                      antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def scored(loaded: LoadedModel, stream: Iterable[Batch],
+           patch: int | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, P(tumour) of its patches) for each batch of `stream`, as the loaded model's settings say;
+    with `patch`, tiles are first made `patch`-px patches on the device (`as_patches`)."""
+    s = loaded.settings
+    for batch in stream:
+        images = batch.images.to(loaded.device, non_blocking=True)
+        if patch is not None:
+            images = as_patches(images, patch)
+        yield batch, predict_batch(loaded.model, images, s.resolution, s.tta_views, s.precision)
+
+
 def predict_all(loaded: LoadedModel, stream: Iterable[Batch], total: int | None = None,
                 desc: str = "predict") -> Predictions:
     """P(tumour) of every patch in `stream`, in order, as the loaded model's settings say."""
-    s = loaded.settings
     sources: list[str] = []
     indices: list[int] = []
     probs = []
     with tqdm(total=total, desc=desc, unit="patch", disable=None, leave=False) as bar:
-        for batch in stream:
-            images = batch.images.to(loaded.device, non_blocking=True)
-            probs.append(predict_batch(loaded.model, images, s.resolution, s.tta_views, s.precision))
+        for batch, p in scored(loaded, stream):
+            probs.append(p)
             sources += batch.sources
             indices += batch.indices
             bar.update(len(batch.indices))
-    p = torch.cat(probs).cpu().double().numpy() if probs else np.empty(0)
+    return Predictions(sources, indices, finite(torch.cat(probs).cpu().double().numpy() if probs else np.empty(0)))
+
+
+def finite(p: np.ndarray) -> np.ndarray:
+    """`p`, checked: a model that predicts NaN/inf is not usable at these settings."""
     if not np.isfinite(p).all():
         raise RuntimeError(f"the model predicted NaN/inf for {int((~np.isfinite(p)).sum())} patches; the "
                            "checkpoint's weights are not usable at these settings (try --quant none --precision fp32)")
-    return Predictions(sources, indices, p)
+    return p
 
 
 def write_csv(path: Path, preds: Predictions, threshold: float, extra: dict[str, Sequence[Any]] | None = None) -> Path:

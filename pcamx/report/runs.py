@@ -50,7 +50,8 @@ PARETO = "◆"
 
 @dataclass
 class RunRecord:
-    """One run directory as found on disk; `status` is "ok", "failed", "interrupted" or "missing" (no
+    """One run directory as found on disk; `status` is "ok", "failed", "interrupted", "pruned" (a search trial
+    its pruner stopped) or "missing" (no
     metrics.json)."""
 
     run_dir: Path
@@ -191,7 +192,7 @@ def read_run(run_dir: Path, job: str) -> RunRecord:
         return record
     record.metrics = metrics if isinstance(metrics, dict) else {}
     status = record.metrics.get("status")
-    record.status = status if status in ("ok", "interrupted") else "failed"
+    record.status = status if status in ("ok", "interrupted", "pruned") else "failed"
     if status == "interrupted":
         record.error = f"stopped by {record.metrics.get('signal')}: {record.metrics.get('resume')}"
     elif not record.ok:
@@ -215,7 +216,8 @@ def collect_runs(dirs: Sequence[str | Path]) -> list[RunRecord]:
 
 
 def any_failed(runs: Iterable[RunRecord]) -> bool:
-    return any(not r.ok for r in runs)
+    """Whether a run did not finish ok (a pruned search trial stopped as it should: not a failure)."""
+    return any(not r.ok and r.status != "pruned" for r in runs)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pcamx.evaluation.metrics import METRIC_ALIASES, binary_metrics, improves
 from pcamx.evaluation.operating_points import operating_points, threshold_metrics, thresholds_of
 from pcamx.inference.settings import InferenceSettings
 from pcamx.model import PCamClassifier
-from pcamx.runtime import interrupts, run_files
+from pcamx.runtime import interrupts, run_files, search
 from pcamx.runtime.errors import UserError
 from pcamx.runtime.hardware import autocast
 from pcamx.runtime.interrupts import RunInterrupted
@@ -90,6 +90,12 @@ class ModelCollapsed(TrainingDiverged):
     """Validation found one constant probability for every patch: the model no longer tells them apart."""
 
     reason = "collapsed"
+
+
+class RunPruned(UserError):
+    """A search trial its pruner stopped early: not a failure (metrics.json says `status: pruned`)."""
+
+    status = reason = "pruned"
 
 
 COLLAPSE_SPREAD = 1e-9  # largest max − min of validation probabilities that counts as one constant
@@ -304,6 +310,7 @@ def train(
     if session.distill is not None:
         session.distill.teacher.to(device).eval().requires_grad_(False)
     started, watch, kd_window = time.time(), FiniteWatch(session.name), []
+    trial = search.current_trial() if keep else None
     bar = tqdm(total=total_steps, initial=loop.step, desc=session.name, disable=None)
 
     def save_resume_state() -> None:
@@ -354,6 +361,12 @@ def train(
                         if keep and tcfg["save_best"]:
                             save_checkpoint(payload, session.run_dir / run_files.BEST)
                     loop.result.last_val = val
+                    if trial is not None:  # a search trial: its pruner weighs this validation against the others'
+                        trial.report(val[select], len(loop.result.history) - 1)
+                        if trial.should_prune():
+                            raise RunPruned(f"stopped by the search's pruner after validation round "
+                                            f"{len(loop.result.history)} ({select} {val[select]:.4f}): behind "
+                                            "the other trials at this point")
                 if keep and (end_of_epoch or (tcfg["checkpoint_every"] and loop.step % tcfg["checkpoint_every"] == 0)):
                     save_resume_state()
                 if signum := interrupts.requested():

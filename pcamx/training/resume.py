@@ -25,9 +25,9 @@ log = logging.getLogger("pcamx")
 
 # Settings that do not change what training computes: where things go and what is logged, and what happens
 # after training (test evaluation, compression, quantization, healing, which is never resumed).
-NOT_TRAINING = ("wandb", "resume", "checkpoint", "data.root", "data.mpp", "prune", "quant", "heal", "eval.tta", "eval.precision",
-                "eval.measure_speed", "eval.speed_warmup", "eval.speed_iters", "train.save_best", "train.save_last",
-                "train.checkpoint_every", "hardware.num_threads", "hardware.precision")
+NOT_TRAINING = ("wandb", "resume", "checkpoint", "data.root", "data.mpp", "prune", "quant", "heal", "eval.tta",
+                "eval.precision", "eval.measure_speed", "eval.speed_warmup", "eval.speed_iters", "train.save_best",
+                "train.save_last", "train.checkpoint_every", "hardware.num_threads", "hardware.precision")
 
 
 class ResumeMismatchError(UserError, ValueError):
