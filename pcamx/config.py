@@ -33,6 +33,7 @@ from pcamx.data.transforms import TTA_VIEWS
 from pcamx.evaluation.metrics import SELECT_METRICS
 from pcamx.evaluation.uncertainty import CALIBRATIONS
 from pcamx.model import ARCHITECTURES
+from pcamx.runtime import search  # noqa: F401  (the search presets' resolvers: pcamx.objective, pcamx.direction)
 from pcamx.runtime.conf import CONF_DIR, Range, conf_defaults, ranged  # noqa: F401  (conf_defaults: part of the config API)
 from pcamx.runtime.errors import ConfigError
 from pcamx.runtime.hardware import DEVICES, PRECISIONS

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from pcamx.runtime.errors import OutputError, UserError
 
 TEMP_SUFFIX = ".tmp"
@@ -123,6 +121,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of all tensors in a nested dict/list structure: what a torch.save of it needs, roughly."""
+    import torch  # here, not at the top: the sweeper's and the report's processes need no torch
+
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -133,6 +133,8 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def torch_save(obj: Any, path: str | Path) -> Path:
+    import torch
+
     return _write(path, "wb", lambda f: torch.save(obj, f), tensor_bytes(obj))
 
 
@@ -163,7 +165,7 @@ def jsonable(value: Any) -> Any:
     """What json.dumps cannot write by itself: numpy/torch scalars, paths, devices."""
     if hasattr(value, "item"):
         return value.item()
-    if isinstance(value, Path | torch.device):
+    if isinstance(value, Path) or type(value).__module__ == "torch":  # a torch.device, without importing torch
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 

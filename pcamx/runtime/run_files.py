@@ -29,3 +29,7 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 FRONTIER = "frontier.png"
 SWEEP_FIGURES = (ROC, CALIBRATION, FRONTIER)
+# A search's sweep directory also holds its study and results (hydra/sweeper=optuna).
+OPTUNA_JOURNAL = "optuna.journal"
+OPTUNA_RESULTS = "optimization_results.yaml"
+TRIALS_CSV = "trials.csv"
