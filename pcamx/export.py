@@ -20,11 +20,9 @@ Dependencies: the `export` extra (pip install -e '.[export]').
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import json
 import logging
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -225,22 +223,6 @@ def compare_latency(session: Any, wrapper: ExportedClassifier, batch: int = 1, i
     return {"batch": batch, "tta_views": wrapper.views, "resolution": wrapper.resolution,
             "threads": torch.get_num_threads(), "iters": iters, "warmup": warmup,
             "onnxruntime_cpu_ms": onnx_ms, "pytorch_cpu_ms": torch_ms, "speedup": torch_ms / onnx_ms}
-
-
-def export_latency_figures(model: nn.Module, resolution: int, views: int, batch: int = 1,
-                           iters: int = LATENCY_ITERS, warmup: int = LATENCY_WARMUP) -> dict[str, Any]:
-    """For the benchmark: export `model` (fp32, CPU, in memory; nothing is written) with `views` TTA views at
-    `resolution`, check it against PyTorch, and time both on the CPU at `batch` patches. Returns
-    `compare_latency`'s dict plus `export_s` and `max_abs_diff`."""
-    model = copy.deepcopy(model).float().to("cpu").eval()  # the caller's model stays where and as it is
-    wrapper = ExportedClassifier(model, resolution, views).eval()
-    start = time.perf_counter()
-    data = to_onnx(wrapper, batch).SerializeToString()
-    export_s = time.perf_counter() - start
-    session = onnx_session(data)
-    parity = check_parity(session, wrapper, check_inputs(batch), [batch])
-    return {**compare_latency(session, wrapper, batch, iters, warmup), "export_s": export_s,
-            "max_abs_diff": parity["max_abs_diff"]}
 
 
 # ---------------------------------------------------------------- one export

@@ -22,11 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pcamx.checkpoint import (
-    INFERENCE_KEY,
-    load_checkpoint,
-    record_operating_points,
-)
+from pcamx.checkpoint import INFERENCE_KEY, load_checkpoint, record_operating_points
 from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import PrunePlan, plan_from_config, run_plan
 from pcamx.compress.quant import EvalPrecision, check_quantization, quantize
@@ -48,13 +44,7 @@ from pcamx.runtime.errors import ConfigError, UserError, one_line
 from pcamx.runtime.errors import report as report_error
 from pcamx.runtime.hardware import check_precision, effective_precisions, resolve_device, seed_everything, setup_threads
 from pcamx.runtime.interrupts import RunInterrupted
-from pcamx.runtime.locks import (
-    RunDirBusy,
-    claim_run_dir,
-    resolve_run_dir,
-    restore_hydra_files,
-    snapshot_hydra_files,
-)
+from pcamx.runtime.locks import RunDirBusy, claim_run_dir, resolve_run_dir, restore_hydra_files, snapshot_hydra_files
 from pcamx.runtime.tracking import Tracker, hydra_names
 from pcamx.training.heal import heal
 from pcamx.training.loop import Session, train

@@ -187,12 +187,6 @@ def test_an_unwritable_out_is_refused_before_exporting(tiny_checkpoint: Path, tm
     assert len(err) == 1 and f"--out {out}: the directory {out.parent} does not exist" in err[0]
 
 
-def test_bench_latency_figures() -> None:
-    figures = export.export_latency_figures(tiny_model(), 32, 1, batch=1, iters=1, warmup=0)
-    assert figures["onnxruntime_cpu_ms"] > 0 and figures["pytorch_cpu_ms"] > 0
-    assert figures["max_abs_diff"] <= 1e-4 and figures["export_s"] > 0
-
-
 def test_check_h5_reads_pcam_layout_and_names_a_bad_file(tmp_path: Path) -> None:
     import h5py
 

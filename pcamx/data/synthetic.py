@@ -20,16 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pcamx.data.layout import (
-    IMAGE_SHAPE,
-    LABEL_SHAPE,
-    META_COLUMNS,
-    SPLITS,
-    X_KEY,
-    Y_KEY,
-    file_name,
-    meta_file_name,
-)
+from pcamx.data.layout import IMAGE_SHAPE, LABEL_SHAPE, META_COLUMNS, SPLITS, X_KEY, Y_KEY, file_name, meta_file_name
 from pcamx.runtime import disk
 from pcamx.runtime.conf import conf_defaults
 from pcamx.runtime.locks import exclusive

@@ -16,12 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from pcamx.checkpoint import (
-    INFERENCE_KEY,
-    OPERATING_POINTS_KEY,
-    CheckpointError,
-    load_checkpoint,
-)
+from pcamx.checkpoint import INFERENCE_KEY, OPERATING_POINTS_KEY, CheckpointError, load_checkpoint
 from pcamx.compress.quant import QUANT_MODES, quantize
 from pcamx.data.transforms import check_tta_views
 from pcamx.model import PCamClassifier

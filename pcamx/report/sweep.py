@@ -28,12 +28,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from pcamx.evaluation.metrics import METRIC_NAMES  # noqa: E402
-from pcamx.report.format import (  # noqa: E402
-    VALUE_COLUMNS,
-    format_cell,
-    format_interval,
-    format_mean_sd,
-)
+from pcamx.report.format import VALUE_COLUMNS, format_cell, format_interval, format_mean_sd  # noqa: E402
 from pcamx.report.runs import (  # noqa: E402
     BUDGET_KEYS,
     PARETO,
