@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = trained_on(loaded)
         title = (f"P(tumour) over {Path(args.region).name}: {rows}×{cols} tiles of {grid.tile} px, stride "
                  f"{grid.stride}" + (f"\n({SYNTHETIC_NOTE})" if data == "synthetic" else ""))
-        plot_heatmap(heatmap, image, grid, preds.probs, title)
+        plot_heatmap(heatmap, grid, preds.probs, title, image.size, image)
         extra = {"region": str(args.region), "tile": grid.tile, "stride": grid.stride, "grid": [rows, cols],
                  "heatmap": str(heatmap)}
     else:
