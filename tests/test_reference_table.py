@@ -9,28 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from pcamx.report.__main__ import main as cli
 from pcamx.report.format import format_change, format_value, percent_change
 from pcamx.report.reference_table import lora_label
 from pcamx.report.runs import collect_runs
 
-# The published table (../shared/REFERENCE.md), verbatim.
-PUBLISHED = """\
-| Method | Quantization | Parameters | GFLOPs | Memory (MB) | AUROC | AUPRC | Sens @95%Spec | ECE | Brier | Acc | NLL |
-| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-| Full fine‑tune (FT) | none (f32) | 21.60M | 8.67 | 86.5 | 0.9800 | 0.9820 | 0.9202 | 0.0209 | 0.0603 | 0.9202 | 0.2116 |
-| - | bf16 | 21.60M | 8.67 | 43.3 (↓50.0%) | 0.9800 | 0.9820 | 0.9195 | 0.0215 | 0.0602 | 0.9200 | 0.2115 |
-| LoRA (r=8; attn+MLP adapters) | none (f32) | 21.60M | 8.67 | 86.5 | 0.9746 (↓0.6%) | 0.9786 | 0.9091 | 0.0148 | 0.0631 | 0.9190 | 0.2229 |
-| - | bf16 | 21.60M | 8.67 | 43.3 (↓50.0%) | 0.9746 (↓0.6%) | 0.9785 | 0.9082 | 0.0146 | 0.0631 | 0.9183 | 0.2230 |
-| Linear probe (head-only) | none (f32) | 21.60M | 8.67 | 86.5 | 0.9714 (↓0.9%) | 0.9742 | 0.8808 | 0.0186 | 0.0654 | 0.9131 | 0.2274 |
-| - | bf16 | 21.60M | 8.67 | 43.3 (↓50.0%) | 0.9714 (↓0.9%) | 0.9742 | 0.8793 | 0.0177 | 0.0659 | 0.9122 | 0.2289 |
-| Full FT + compression *(heads+MLP+SVD, τ=[0.89, 0.975, 0.975])* | none (f32) | 20.08M (↓7.0%) | 8.06 (↓7.0%) | 80.4 (↓7.0%) | 0.9537 (↓2.7%) | 0.9630 | 0.8452 | 0.0408 | 0.1046 | 0.8553 | 0.3385 |
-| - | bf16 | 20.08M (↓7.0%) | 8.06 (↓7.0%) | 40.3 (↓53.4%) | 0.9532 (↓2.7%) | 0.9628 | 0.8439 | 0.0390 | 0.1046 | 0.8545 | 0.3388 |
-| LoRA + compression *(same τ)* | none (f32) | 20.08M (↓7.0%) | 8.06 (↓7.0%) | 80.4 (↓7.0%) | 0.9513 (↓2.9%) | 0.9607 | 0.8423 | 0.0322 | 0.1064 | 0.8527 | 0.3445 |
-| - | bf16 | 20.08M (↓7.0%) | 8.06 (↓7.0%) | 40.3 (↓53.4%) | 0.9521 (↓2.8%) | 0.9612 | 0.8451 | 0.0321 | 0.1058 | 0.8538 | 0.3427 |
-| Head-only + compression *(same τ)* | none (f32) | 20.08M (↓7.0%) | 8.06 (↓7.0%) | 80.4 (↓7.0%) | 0.9307 (↓5.0%) | 0.9314 | 0.6870 | 0.0230 | 0.1046 | 0.8577 | 0.3452 |
-| - | bf16 | 20.08M (↓7.0%) | 8.06 (↓7.0%) | 40.3 (↓53.4%) | 0.9316 (↓4.9%) | 0.9323 | 0.6889 | 0.0226 | 0.1038 | 0.8591 | 0.3427 |
-"""
+# The published table, as docs/reference.md holds it.
+PUBLISHED = "\n".join(line for line in (REPO / "docs" / "reference.md").read_text().split("## The protocol")[0]
+                      .splitlines() if line.startswith("| ")) + "\n"
 
 FULL = {"params": 21_601_346, "gflops": 8.6706}
 SMALL = {"params": 20_080_112, "gflops": 8.0601}
@@ -65,8 +52,8 @@ def published_runs(root: Path) -> Path:
         run.mkdir(parents=True)
         config = LORA_CONFIG if method == "lora" else {"name": method}
         (run / "metrics.json").write_text(json.dumps({
-            "status": "ok", **(SMALL if pruned else FULL), "memory_mb": memory, **dict(zip(METRICS, values, strict=True)),
-            "method": method, "method_config": config, "quant": quant, "prune": PLAN if pruned else {"method": "none"},
+            "status": "ok", **(SMALL if pruned else FULL), "memory_mb": memory,
+            **dict(zip(METRICS, values, strict=True)), "method": method, "method_config": config, "quant": quant, "prune": PLAN if pruned else {"method": "none"},
             "eval_precision": "fp32" if quant == "none" else "bf16", "tta": True, "tta_views": 6, "resolution": 224,
             "n_test": 32768, "data": "pcam", "model": "dinov3_vits16", "run_dir": str(run),
         }))

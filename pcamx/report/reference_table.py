@@ -1,4 +1,4 @@
-"""The results table in the reference layout (`../shared/REFERENCE.md`):
+"""The results table in the reference layout (docs/reference.md):
 `python -m pcamx.report DIRS --style reference [--baseline RUN_DIR]`.
 
 Rows: uncompressed models first, then compressed ones; within each, full FT, LoRA, head-only; within a
