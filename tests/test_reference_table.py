@@ -53,7 +53,8 @@ def published_runs(root: Path) -> Path:
         config = LORA_CONFIG if method == "lora" else {"name": method}
         (run / "metrics.json").write_text(json.dumps({
             "status": "ok", **(SMALL if pruned else FULL), "memory_mb": memory,
-            **dict(zip(METRICS, values, strict=True)), "method": method, "method_config": config, "quant": quant, "prune": PLAN if pruned else {"method": "none"},
+            **dict(zip(METRICS, values, strict=True)), "method": method, "method_config": config, "quant": quant,
+            "prune": PLAN if pruned else {"method": "none"},
             "eval_precision": "fp32" if quant == "none" else "bf16", "tta": True, "tta_views": 6, "resolution": 224,
             "n_test": 32768, "data": "pcam", "model": "dinov3_vits16", "run_dir": str(run),
         }))
