@@ -1,15 +1,9 @@
 """The typed schema of the whole config, registered in Hydra's ConfigStore.
 
-Every YAML file under conf/ builds on these dataclasses (`pcamx_schema` for the top level, one
-`<option>_schema` per group option), so composition itself rejects an unknown key, a value of the wrong
-type and an enum value that does not exist, naming the allowed ones:
-
-    python run.py method.train_norms_bias=bothh
-    → Invalid value 'bothh', expected one of [none, norms, bias, both]
-
-The schema holds types only (every field is MISSING here): the defaults live in conf/, once. A field that
-a YAML file forgets is an error when the run resolves its config. Importing this module registers the
-schema; run.py and the tests import it before composing.
+Every YAML file under conf/ builds on these dataclasses (`pcamx_schema`, one `<option>_schema` per group option),
+so composition rejects an unknown key, a value of the wrong type and an enum value that does not exist, naming
+the allowed ones; every enum is built from the registry it names. The schema holds types and ranges only (every
+field is MISSING here): the defaults live in conf/, once. Importing this module registers it.
 """
 
 from __future__ import annotations

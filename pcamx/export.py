@@ -1,20 +1,11 @@
-"""Export a trained or compressed model as one ONNX graph that takes PCam patches as they are stored and
-returns P(tumour).
+"""Export a trained or compressed model as one ONNX graph: PCam patches as stored (uint8 NHWC) in, P(tumour) out.
 
     python -m pcamx.export CHECKPOINT --format onnx [--out model.onnx] [--dynamic-batch] [--tta-views 8]
 
-CHECKPOINT is a run directory, its best.pt / last.pt or its compressed/ directory (per-layer head counts,
-MLP widths and SVD factors come with it). The graph folds in everything `pcamx.evaluation.evaluate.predict_batch` does:
-uint8 NHWC (N, 96, 96, 3) → float [0, 1] → the TTA views → bilinear resize to the model's resolution
-(antialiased when shrinking, as in training) → ImageNet normalization → the fp32 model → softmax → the mean of
-P(tumour) over the views: float32 (N,). It is written only after ONNX Runtime (CPU) has reproduced PyTorch's
-probabilities on random and on PCam-layout patches to max |Δp| <= 1e-4; the ONNX Runtime and PyTorch CPU
-latencies are reported beside it, and `<out>.json` records the settings, the parity figures and the latencies.
-
-Exporter: torch.onnx.export(dynamo=True) (torch.export → ONNX via onnxscript), opset 18: the exporter's own
-opset (no version conversion) and the first with Resize(antialias), which the shrinking resize needs; the
-TorchScript exporter (dynamo=False, deprecated) has no rot90 and no antialiased resize.
-Dependencies: the `export` extra (pip install -e '.[export]').
+The graph folds in all of `predict_batch` (scale, TTA views, antialiased resize, normalization, the fp32 model,
+softmax, the mean over views) and is written only after ONNX Runtime has reproduced PyTorch on random and
+PCam-layout patches to max |Δp| <= 1e-4. Exporter: torch.onnx.export(dynamo=True) at opset 18, the first with
+Resize(antialias); the TorchScript exporter has no rot90 and no antialiased resize. Needs the `export` extra.
 """
 
 from __future__ import annotations

@@ -140,7 +140,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model, compressed = compress_stage(run, model, reference, origin, trained["train_steps"])
     model, figures = quantize_stage(run, model)
     labels, probs, evaluated = evaluate_stage(run, model, reference, figures)
-    val_labels, val_probs = validation_predictions(run, model)
+    # The final model on valid exactly as on test: what thresholds and the temperature are chosen on, never test.
+    val_labels, val_probs, _ = evaluate(model, run.data.valid, run.device, run.config,
+                                        InferenceSettings.from_run_config(run.cfg).precision, desc="valid (final)")
     operating = operating_stage(run, origin, labels, probs, val_labels, val_probs)
     calibrated, calibration = calibrate_stage(run, labels, probs, val_labels, val_probs)
     # Earlier, interrupted attempts count too: total_seconds is never below train_seconds.
@@ -245,18 +247,13 @@ def quantize_stage(run: Run, model: torch.nn.Module) -> tuple[torch.nn.Module, d
     return model, {**figures, "memory_mb": round(memory_mb(model), 4)}
 
 
-def test_precision(cfg: DictConfig) -> str:
-    """An unquantized model runs at eval.precision; a quantized one in its own dtype (no autocast on top), so
-    bf16/int8 rows show what quantization changes (InferenceSettings says it once)."""
-    return InferenceSettings.from_run_config(cfg).precision
-
-
 def evaluate_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module | None,
                    figures: dict[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Test metrics with their 95% intervals, footprint and speed; for a compressed/quantized model also its
     uncompressed f32 reference on the same patches, the change against it and the paired comparison."""
     cfg = run.cfg
-    precision = test_precision(cfg)
+    # A quantized model runs in its own dtype, an unquantized one at eval.precision: InferenceSettings says it once.
+    precision = InferenceSettings.from_run_config(cfg).precision
     labels, probs, test = evaluate(model, run.data.test, run.device, run.config, precision)
     slides, draws = run.data.test.slides, cfg.eval.bootstrap
     out: dict[str, Any] = {**test, **figures, **speed(model, cfg, run.device, precision)}
@@ -272,14 +269,6 @@ def evaluate_stage(run: Run, model: torch.nn.Module, reference: torch.nn.Module 
                          if (pct := percent_change(out.get(k), v)) is not None}
     intervals, ref["paired"] = paired_comparison(labels, probs, ref_probs, slides, draws, cfg.seed)
     return labels, probs, out | intervals | {"reference": ref}
-
-
-def validation_predictions(run: Run, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """The final model's validation predictions, made exactly as its test predictions were (views,
-    precision, quantization): what thresholds and the temperature are chosen on, never on test."""
-    labels, probs, _ = evaluate(model, run.data.valid, run.device, run.config, test_precision(run.cfg),
-                                desc="valid (operating points)")
-    return labels, probs
 
 
 def operating_stage(run: Run, origin: Origin, labels: np.ndarray, probs: np.ndarray, val_labels: np.ndarray,

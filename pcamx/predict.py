@@ -3,11 +3,8 @@
     python -m pcamx.predict CHECKPOINT INPUT... [--out preds.csv] [--threshold val95spec]
     python -m pcamx.predict CHECKPOINT --region big.png --tile 96 --stride 48 [--out tiles.csv]
 
-CHECKPOINT is a run directory, its best.pt / last.pt or its compressed/ directory. Patches are fed exactly as
-the run's test evaluation fed them (resolution, TTA views, precision, quantization: stored with the model,
-each overridable), batched on the device. The CSV gets P(tumour) and the decision at the chosen threshold;
-a JSON beside it records how every number was made (checkpoint, settings, threshold and where it was chosen,
-skipped inputs).
+Patches are fed exactly as the run's test evaluation fed them (the settings stored with the model, each
+overridable); a JSON beside the CSV records how every number was made.
 """
 
 from __future__ import annotations

@@ -2,11 +2,8 @@
 
     python -m pcamx.wsi CHECKPOINT SLIDE_OR_FOLDER... --out DIR [--labels slides.csv] [--mpp 0.25]
 
-Tiles are cut on level 0 at the µm/px the model was trained at (stored with the checkpoint), read with OpenSlide
-from the best pyramid level, and only tissue tiles are scored, exactly as the run's test evaluation scored patches
-(pcamx.inference.slide). DIR/<slide>/ gets tiles.csv, heatmap.png, overlay.png, tiles.geojson (QuPath) and
-slide.json; DIR/summary.csv a row per slide; DIR/summary.json the run (with --labels, the slide-level AUROC and its
-95% interval). Killed, the same command continues where it stopped; finished slides are skipped.
+Tiles cut on level 0 at the model's µm/px, tissue only, are scored as the run's test evaluation scored patches
+(reading: pcamx.inference.slide). Killed, the same command continues where it stopped; finished slides are skipped.
 """
 
 from __future__ import annotations

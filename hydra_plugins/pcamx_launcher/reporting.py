@@ -1,13 +1,9 @@
-"""Submitit launchers that report lost jobs instead of losing the sweep table.
+"""Submitit launchers that report lost jobs instead of losing the sweep table (`hardware=a100`, `submitit_local`).
 
-Hydra's submitit launchers collect results with `job.results()`, which raises for a job that ended without
-one (killed with SIGKILL, out of memory, `scancel`, node failure, out of requeues); the exception ends the
-sweep before the summary callback writes its table. These subclasses (`hardware=a100` and
-`hardware=submitit_local` select them) collect every job: a lost one gets a metrics.json in its run
-directory (`status: failed`, `reason: lost`, the job id and its log) unless it wrote one itself, and
-counts as a failed row; the callback then writes summary.csv/summary.md/roc.png and exits non-zero.
-
-This module lives in the `hydra_plugins` namespace because Hydra only instantiates launchers from there.
+Hydra's submitit launchers collect results with `job.results()`, which raises for a job that ended without one
+(SIGKILL, out of memory, `scancel`, node failure, out of requeues) and so ends the sweep before its table is
+written. These collect every job: a lost one gets a metrics.json (`status: failed`, `reason: lost`, the job id and
+its log) unless it wrote one, and counts as a failed row. (Hydra loads launchers from `hydra_plugins` only.)
 """
 
 from __future__ import annotations

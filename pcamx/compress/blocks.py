@@ -1,12 +1,8 @@
 """Whole-block removal: drop transformer blocks; the residual stream passes straight through where they were.
 
-A block's score is how much it changes its input on calibration data: the mean over images and tokens of
-1 − cos(h_in, h_out). A block that barely turns the residual stream costs little to remove. There is no
-weight-only version of this score, so the `blocks` step always needs calibration batches.
-
-The backbone's config keeps the depth the weights came from (a DINOv3 config cannot describe a depth other
-than its `num_hidden_layers` stages); the encoder records which original blocks remain, and the compressed
-checkpoint records that list (the kind's shape) so a reload rebuilds the smaller depth.
+A block's score is the mean over calibration images and tokens of 1 − cos(h_in, h_out): one that barely turns the
+residual stream costs little to remove (no weight-only score exists, so this step always needs calibration data).
+The config keeps the original depth; the encoder records which original blocks remain (the kind's shape).
 """
 
 from __future__ import annotations

@@ -1,17 +1,13 @@
 """Importance criteria: one score per unit, for every group of a unit kind (`units.UnitKind`).
 
 - weight (default; the reference's): the kind's weight energy, no data.
-- activation: E‖a_u‖₂ · ‖W_out[:, u]‖_F, where a_u is the unit's output (its features of the input of the
-  layer that consumes it: o_proj for a head, down_proj for an MLP neuron), averaged over every token of the
-  calibration batches, and W_out[:, u] the consumer's weight columns it feeds. How much the unit actually
-  sends, times how strongly it is passed on.
-- taylor: Σ |w · ∂L/∂w| over the unit's parameters (producer rows and biases, consumer columns), with the
-  gradient of the cross-entropy accumulated over the calibration batches: the first-order estimate of the
-  loss change when the unit is zeroed. L uses the batch's labels; a batch without labels uses the model's
-  own predictions (its confidence is what the score then protects).
+- activation: E‖a_u‖₂ · ‖W_out[:, u]‖_F: the unit's output (its features of the consumer's input: o_proj for a
+  head, down_proj for a neuron) averaged over every calibration token, times the consumer's columns it feeds.
+- taylor: Σ |w · ∂L/∂w| over the unit's parameters, the cross-entropy's gradient accumulated over the calibration
+  batches (their labels, else the model's own predictions): the first-order loss change when the unit is zeroed.
 
-A kind with its own data-aware score (blocks: `blocks.block_change`) uses it under every criterion. Calibration batches
-are preprocessed pixel values already on the model's device, with labels or None: `(pixel_values, labels)`.
+A kind with its own data-aware score (blocks) uses it under every criterion. Calibration batches are
+`(pixel_values, labels or None)`, preprocessed, on the model's device.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Post-training quantization of a (possibly compressed) classifier for inference.
-
-Modes (`QUANT_MODES`):
-  none  the model as it is, moved to `device`.
-  bf16  every parameter and buffer stored and computed in bfloat16. The backbone casts pixel_values to the
-        patch-embedding dtype itself, so callers pass float32 images as usual, but the logits come back in
-        bfloat16: callers should `.float()` them before softmax, losses or metrics.
-  int8  torchao: weight-only int8 on CUDA (the activations keep the model's float dtype), dynamic int8
-        activations + int8 weights on CPU. Logits stay in the model's float dtype. Every nn.Linear is
-        quantized, including the factorized halves of LowRankLinear and the classifier head.
-Quantization is in place and meant for inference only (torchao's int8 tensors have no backward).
+"""Post-training quantization of a (possibly compressed) classifier, for inference only, in place (`QUANT_MODES`):
+none (the model as it is), bf16 (every parameter and buffer in bfloat16; images go in as float32, logits come out
+in bfloat16: `.float()` them), int8 (torchao: weight-only on CUDA, dynamic activations + weights on CPU; every
+nn.Linear, LowRankLinear halves and the head included; no backward).
 """
 
 from __future__ import annotations
@@ -79,15 +72,11 @@ def _int8_quantizer(device: torch.device) -> Callable[[nn.Module], None]:
     return lambda model: quantize_(model, config)
 
 
-def _int8(model: nn.Module, device: torch.device) -> None:
-    _int8_quantizer(device)(model)
-
-
 # Mode → what it does to a model already on its device.
 QUANT_MODES: dict[str, Callable[[nn.Module, torch.device], object] | None] = {
     "none": None,
     "bf16": lambda model, device: model.to(torch.bfloat16),
-    "int8": _int8,
+    "int8": lambda model, device: _int8_quantizer(device)(model),
 }
 
 

@@ -1,15 +1,11 @@
 """Unit kinds: what a pruning step removes, where the units live, how each is scored by weight and cut out.
 
-A unit kind maps a model to its groups (each attention's heads, each MLP's neurons, the encoder's blocks),
-and says for a group how many units it has, their weight-only score, and the surgery that keeps a subset.
-The data-aware criteria (`importance.py`) need one more fact per kind: which linear layers hold a unit's
-parameters, as output rows (`producers`) or input columns (`consumers`). Allocation (`allocate`) turns
-scores into kept indices, per group (`layer` scope) or ranked across groups (`global`), and `prune_units`
-applies it: importance, allocation and surgery stay apart.
-
-Every compression step (a UnitKind, or truncated SVD) is a `Step` to the rest of pcamx: the chain runs it, the
-budget search counts its units, and a compressed checkpoint records the shape it left and gives a freshly
-built model that shape again. So a new kind is its module, one `chain.STEPS` entry and its yaml.
+A kind maps a model to its groups (each attention's heads, each MLP's neurons, the encoder's blocks) and says a
+group's unit count, their weight score and the surgery that keeps a subset; the data-aware criteria also need the
+linears holding a unit's parameters as output rows (`producers`) or input columns (`consumers`). `allocate` turns
+scores into kept indices (per group, or ranked across groups) and `prune_units` applies them. Every step (a kind,
+or truncated SVD) is a `Step`: run by the chain, counted by the budget search, and recorded and rebuilt by
+compressed checkpoints, so a new kind is its module, one `chain.STEPS` entry and its yaml.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Fetch the official PCam files (Zenodo record 2546921): the `.h5.gz` archives, verified by md5 and gunzipped,
-and the per-patch metadata `.csv` files (slide of each patch), verified by md5.
+"""Fetch the official PCam files (Zenodo record 2546921), resumable: `python -m pcamx.data.download --root data/pcam`.
 
-`python -m pcamx.data.download --root data/pcam`
-
-Downloads go to `<name>.h5.gz.part` and resume with an HTTP Range request when re-run; only a file
-whose md5 matches becomes `<name>.h5.gz`, and the `.h5` appears through an atomic rename, so an
-interrupted run never leaves a half-written file under a final name (a `.csv` is served uncompressed and is
-renamed into place once its md5 matches). The sha256 of every extracted `.h5` and `.csv`
-is recorded in `<root>/SHA256SUMS` (the `sha256sum` format); `--verify` re-checks the files against it.
+The `.h5.gz` archives download to `<name>.h5.gz.part` (an HTTP Range request resumes them), become `<name>.h5.gz`
+only when their md5 matches and are gunzipped through an atomic rename; the meta `.csv` files are served as they
+are and checked by md5 too. The sha256 of every extracted file goes into `<root>/SHA256SUMS` for `--verify`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Synthetic stand-in for PCam: files in exactly the official layout with a learnable, histology-like signal.
-
-Every patch is pink stroma (eosin) with scattered purple nuclei (hematoxylin). Positives carry an
-extra cluster of nuclei in the central 32x32 region, which is where PCam puts the label. The cluster
-density overlaps between classes and a few labels are flipped, so a small model learns it quickly
-(AUROC well above 0.9) but never perfectly. Nothing produced here is PCam data: the directory holds a
-`SYNTHETIC.json` marker and every run on it reports `data: synthetic`.
-
-    python -m pcamx.data.synthetic --root data/synthetic
+"""Synthetic stand-in for PCam in exactly the official layout (`python -m pcamx.data.synthetic --root DIR`): pink
+stroma with purple nuclei, positives with an extra cluster of nuclei in the central 32x32 (where PCam puts the
+label), overlapping densities and a few flipped labels, so a small model learns it well but never perfectly. Not
+PCam data: the directory holds a `SYNTHETIC.json` marker and every run on it reports `data: synthetic`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """How sure a number is: bootstrap confidence intervals, paired differences, DeLong's test, temperature scaling.
 
-* Intervals are percentile bootstrap intervals. Patches are resampled within each class (the class balance of
-  the test split is fixed by design, so every resample keeps it). When the test split's slide of each patch is
-  known (PCam's `camelyonpatch_level_2_split_test_meta.csv`, column `wsi`), whole slides are resampled
-  instead: patches cut from one slide share its staining, scanner and patient, so they are not independent,
-  and resampling them one by one gives intervals that are too narrow.
+* Percentile bootstrap, resampling within each class; whole slides when each test patch's slide is known (PCam's
+  meta CSV): patches of one slide share staining, scanner and patient, so patch resampling is too narrow.
 * A resample is a vector of counts; every metric is computed on all of them at once from one ranking
-  (`Metric.weighted` in pcamx/metrics.py), in chunks of draws so memory stays bounded.
-* Paired: the model and its reference are scored on the same resamples, so the interval is for their
-  difference on the same patches, much narrower than comparing two separate intervals.
-* DeLong's test (fast version: Sun & Xu 2014, midranks, O(n log n)) for two correlated AUROCs. It treats
-  patches as independent; the slide bootstrap's paired interval does not.
+  (`Metric.weighted`), in chunks of draws so memory stays bounded.
+* Paired: model and reference on the same resamples, an interval for their difference on the same patches.
+* DeLong's test (Sun & Xu 2014, midranks) for two correlated AUROCs, treating patches as independent.
 """
 
 from __future__ import annotations
@@ -98,13 +93,9 @@ def check_slides(slides: np.ndarray | None, n: int) -> np.ndarray | None:
     return slides
 
 
-def method_of(slides: np.ndarray | None) -> str:
-    return "patch" if slides is None else "slide"
-
-
 def _interval_block(values: dict[str, np.ndarray], slides: np.ndarray | None, draws: int) -> dict[str, Any]:
     out: dict[str, Any] = {"ci95": {k: _percentile_interval(v) for k, v in values.items()},
-                           "ci_method": method_of(slides), "bootstrap": int(draws)}
+                           "ci_method": "patch" if slides is None else "slide", "bootstrap": int(draws)}
     if slides is not None:
         out["ci_slides"] = int(len(np.unique(slides)))
     return out

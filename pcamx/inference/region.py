@@ -1,11 +1,8 @@
-"""A large RGB image (a region of a slide) cut into overlapping tiles for `pcamx.predict --region` (the heatmap of
-their probabilities: pcamx.report.heatmap).
+"""A large RGB image (a region of a slide) cut into tiles for `pcamx.predict --region`.
 
-The image is decoded once, by Pillow (about 4 bytes a pixel), and nothing else of its size is ever made: tiles
-are cut from one strip of `tile` rows at a time, copied a batch at a time. Pillow's decompression-bomb limit
-stays on: an image above `max_pixels` is refused before it is decoded, saying what it would take in memory and
-how to allow it. Tile (r, c) covers rows r·stride .. r·stride + tile and columns c·stride .. c·stride + tile; a
-margin narrower than a tile at the right and bottom edges is not covered. (Whole-slide images: pcamx.wsi.)
+Pillow decodes it once (about 4 bytes a pixel) and nothing else of its size is made: tiles are cut from one strip of
+`tile` rows at a time. An image above `max_pixels` is refused before decoding, with the memory it would take. Tile
+(r, c) covers rows r·stride .. r·stride + tile and the same columns; a margin narrower than a tile is not covered.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""Whole-slide images for `python -m pcamx.wsi`: opened with OpenSlide (any format it reads; the openslide-bin wheel
-brings the library), a tile grid on level 0 at the model's magnification, tissue found on a thumbnail, tiles read
-from the best pyramid level in threads, scored tiles kept in a resumable store.
-
-Magnification: the model saw PATCH-px patches of `model_mpp` µm/px, so a tile is round(PATCH · model_mpp /
-slide_mpp) level-0 px, read from the coarsest level on which it still spans at least PATCH px (a coarser one lost
-detail the model was trained with), then made a PATCH-px patch on the device. Memory does not grow with the slide:
-the thumbnail is read strip by strip, tiles a few batches at a time.
+"""Whole-slide images for `python -m pcamx.wsi`: OpenSlide (any format it reads; the openslide-bin wheel brings the
+library), a level-0 tile grid at the model's magnification, tissue on a thumbnail, tiles read in threads, a
+resumable store of scored tiles. A tile is round(PATCH · model_mpp / slide_mpp) level-0 px, read from the coarsest
+level on which it still spans PATCH px, made a PATCH-px patch on the device; nothing holds a whole level.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """`python -m pcamx.report DIR [DIR ...] [--out OUTDIR] [--style default|reference] [--baseline RUN_DIR] [--ci]`:
-the sweep table of every run under DIRs.
-
-Runs that differ only in `seed` share one row (mean ± sd, n); summary.csv keeps every run. --ci shows each
-metric with its 95% bootstrap interval (on by default in --style reference).
-
---style reference renders summary.md in the reference results table's layout (labels, row order,
-changes on Parameters/GFLOPs/Memory/AUROC against one baseline run, by default the full-FT f32 run).
-
-Works on any sweep folder, including one whose launcher died (it reads only the run directories).
-Exit status: 0 when every run is ok, 1 when a run failed or is missing metrics.json (the tables are
-written first), 2 when there is nothing to report or the command line is wrong.
+the sweep table of every run under DIRs (--help says more). It reads only the run directories, so it works on any
+sweep folder, one whose launcher died included. Exit status: 0 when every run is ok, 1 when a run failed or is
+missing (the tables are written first), 2 when there is nothing to report (nothing is written) or a bad argument.
 """
 
 from __future__ import annotations

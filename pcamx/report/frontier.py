@@ -1,15 +1,9 @@
 """frontier.png: what compression buys, test AUROC against GFLOPs, beside a sweep's summary.md.
 
-One point per summary.md row (an ok run, or a seed group at its means) with both numbers; one line per kind
-of compression (prune method and criterion, and also scope, training method, quantization or resolution
-where those differ between the plotted rows), its points joined in order of GFLOPs. Error bars: the run's
-95% bootstrap interval of the test AUROC (metrics.json → ci95.auroc), or ± the sample sd over the seeds of a
-group. Stars: the uncompressed f32 models the compressed and quantized runs were measured against
-(metrics.json → reference), each once. Rings: the rows summary.md marks ◆, Pareto-optimal in (AUROC higher,
-GFLOPs lower); the dashed line joins them. Up and to the left is better. GFLOPs are per image at each run's
-resolution, so a sweep over resolutions compares cost at the resolution that run used.
-
-`frontier_data` computes all of it; `plot_frontier` only draws it.
+One point per summary.md row with both numbers, one line per kind of compression (and per method, quantization
+or resolution where the rows differ in them), joined in order of GFLOPs; error bars: the run's 95% interval, or ±
+the sd over a seed group; stars: the uncompressed f32 references; rings: the Pareto-optimal rows (◆). Up and to
+the left is better. `frontier_data` computes all of it; `plot_frontier` only draws it.
 """
 
 from __future__ import annotations

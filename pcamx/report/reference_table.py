@@ -1,12 +1,8 @@
-"""The results table in the reference layout (docs/reference.md):
-`python -m pcamx.report DIRS --style reference [--baseline RUN_DIR]`.
+"""The results table in the reference layout (docs/reference.md): `python -m pcamx.report DIRS --style reference`.
 
-Rows: uncompressed models first, then compressed ones; within each, full FT, LoRA, head-only; within a
-model, `none (f32)` before its bf16 / int8 rows, which show `-` as their method. Labels are the
-reference's (`Full fine‑tune (FT)`, `LoRA (r=8; attn+MLP adapters)`, `Linear probe (head-only)`,
-`… + compression *(heads+MLP+SVD, τ=[…])*`, `*(same τ)*` when an earlier compressed row used the same
-plan). Percent changes appear only on Parameters, GFLOPs, Memory and AUROC, all against one baseline
-run (default: the full-FT, unquantized, f32-evaluated run), and only where they round to at least 0.1%.
+Rows: uncompressed models, then compressed ones; full FT, LoRA, head-only; a model's `none (f32)` row before its
+bf16 / int8 rows (method `-`). The reference's labels, `*(same τ)*` for a plan an earlier row used; percent changes
+on Parameters, GFLOPs, Memory and AUROC only, against one baseline run (default: full FT, unquantized, f32).
 """
 
 from __future__ import annotations

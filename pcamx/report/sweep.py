@@ -1,13 +1,7 @@
 """The default sweep table and figures of a set of runs (pcamx.report.runs), written by pcamx.report.summary:
-  summary.csv  one row per run, raw numbers only, each traceable through its run_dir column;
-  summary.md   one row per run, or per group of runs that differ only in `seed` (mean ± sd, n); a compressed
-               or quantized run shows its change against its own uncompressed f32 model (metrics.json's
-               `reference.change_pct`), marked † where the paired 95% interval excludes 0; with `ci`, each
-               metric with its 95% interval (the reference layout: pcamx.report.reference_table);
-  roc.png      one ROC curve per ok run, labelled by the overrides that differ across the sweep;
-  calibration.png  one reliability curve per ok run (frontier.png: pcamx.report.frontier).
-
-summary.md marks ◆ (and summary.csv's `pareto` says) the rows no other ok row beats in both test AUROC and GFLOPs.
+summary.csv (one row per run, raw numbers, traceable by run_dir), summary.md (a row per run or per seed group,
+mean ± sd; a compressed or quantized run's change against its own uncompressed f32 model, † where the paired 95%
+interval excludes 0, ◆ the Pareto-optimal rows in test AUROC and GFLOPs), roc.png and calibration.png.
 """
 
 from __future__ import annotations

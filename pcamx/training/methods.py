@@ -1,10 +1,8 @@
 """Fine-tuning methods: which parameters train, and at which learning rate and weight decay.
 
-`METHODS` is the registry: a method is its typed config (what conf/method/<name>.yaml builds on; the schema
-of `pcamx.config` is made from these) and a function that sets `requires_grad` on the classifier (wrapping it
-if it must) and returns the AdamW parameter groups. A new method is one `Method` entry here (or in a module
-of its own that calls `register`) and its yaml. Group learning rates are `method.lr_<group>` and weight decays
-`method.wd_<group>` (null: train.lr / train.weight_decay).
+`METHODS` is the registry: a method is its typed config (what conf/method/<name>.yaml builds on) and a function that
+sets `requires_grad` (wrapping the backbone if it must) and returns the AdamW groups, at `method.lr_<group>` /
+`method.wd_<group>` (null: train.lr / train.weight_decay). A new method is one `register(Method(...))` and its yaml.
 """
 
 from __future__ import annotations
