@@ -1,10 +1,4 @@
-"""Benchmark: pcamx against the usual PCam fine-tuning pipeline (`benchmarks.reference`: h5py per sample, PIL
-augmentation, the HF processor, a DataLoader, a TTA loop), same data, same device, same run. Sections:
-1. pipeline (input pipeline, train/eval, and its host side); 2. eval (TTA, views batched vs a per-view loop, same
-probabilities); 3. train (training step per method, eager and compiled on CUDA); 4. compress (latency and
-throughput of the compressed variants); 5. mfu (training MFU, CUDA). `python -m benchmarks`; docs/benchmarks.md.
-"""
+"""`python -m benchmarks` (make bench): pcamx beside the usual PCam pipeline (`benchmarks.reference`), same data,
+device and run; sections 1 pipeline, 2 eval, 3 train, 4 compress, 5 mfu (CUDA), 6 wsi. docs/benchmarks.md."""
 
-from benchmarks.cli import main, run
-
-__all__ = ["main", "run"]
+from benchmarks.cli import main, run  # noqa: F401

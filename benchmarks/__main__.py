@@ -1,6 +1,3 @@
-"""`python -m benchmarks`: see benchmarks/__init__.py and docs/benchmarks.md."""
-
 from benchmarks.cli import main
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+raise SystemExit(main())  # python -m benchmarks

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.wsi import render_wsi
 from pcamx.training.methods import METHODS
 
 
 def _get(tree: Any, *keys: str) -> Any:
-    for key in keys:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
+    return functools.reduce(lambda t, key: t.get(key) if isinstance(t, dict) else None, keys, tree)
 
 
 def _pick(values: dict[str, float | None], pick: Callable = min) -> float | None:
@@ -20,13 +20,13 @@ def _pick(values: dict[str, float | None], pick: Callable = min) -> float | None
 
 
 def _target(name: str, description: str, value: float | None, threshold: float, not_here: str | None,
-            detail: dict[str, Any] | None = None) -> dict[str, Any]:
+            detail: dict[str, Any] | None = None, at_most: bool = False) -> dict[str, Any]:
     """status: `n/a (<why>)` when the target is not for this device (`not_here` says why) or has no value, else
-    `met` / `not met` by value ≥ threshold."""
+    `met` / `not met` by value ≥ threshold (≤ with `at_most`)."""
     status = f"n/a ({not_here})" if not_here else "n/a (section not run or failed)" if value is None else \
-        "met" if value >= threshold else "not met"
+        "met" if (value <= threshold if at_most else value >= threshold) else "not met"
     return {"name": name, "description": description, "value": value, "threshold": threshold, "status": status,
-            "detail": detail or {}}
+            "detail": detail or {}, "at_most": at_most}
 
 
 def evaluate_targets(sections: dict[str, Any], device_type: str) -> list[dict[str, Any]]:
@@ -40,6 +40,7 @@ def evaluate_targets(sections: dict[str, Any], device_type: str) -> list[dict[st
     per_fastest = {k: _get(pipeline, k, "pcamx", "images_per_s") for k in ("train", "host")}
     per_fastest = {k: v / fastest if v and fastest else None for k, v in per_fastest.items()}
     mfu = {m: _get(sections, "mfu", "figures", f"{m} compiled", "mfu") for m in METHODS}
+    slides = sections.get("wsi") or {}
     return [
         _target("host_side", "host-side images/s, pcamx ÷ reference (reference: all CPU workers; pcamx: 1 process)",
                 _get(pipeline, "host", "ratio"), 100.0, None),
@@ -55,6 +56,12 @@ def evaluate_targets(sections: dict[str, Any], device_type: str) -> list[dict[st
                 per_fastest["host"], 10.0, None),
         _target("gpu_training_mfu", "GPU: training MFU, bf16 + compile (best method; a fraction of peak, attention "
                 "core not counted)", _pick(mfu, max), 0.35, gpu, mfu),
+        _target("wsi_batched", "pcamx.wsi tiles/s ÷ per-tile read_region + one-image forwards (CPU, 1 TTA view)",
+                _get(slides, "views_1", "ratio"), 2.0, None),
+        _target("wsi_reading", "pcamx.wsi reading + to 96 px tiles/s ÷ its model's tiles/s (CPU)",
+                _get(slides, "reading", "ratio"), 10.0, None),
+        _target("wsi_peak_rss_gb", "pcamx.wsi peak RSS (GB) on a 50,000² px slide", _get(slides, "big", "peak_rss_gb"),
+                2.0, None if _get(slides, "big", "size") in (None, 50_000) else "--quick slide", at_most=True),
     ]
 
 
@@ -140,23 +147,25 @@ SECTION_RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] 
     "train": ("### 3. Training step (images/s)", _train_md),
     "compress": ("### 4. Compressed models (latency at batch 1, throughput at batch N)", _compress_md),
     "mfu": ("### 5. Model FLOPs utilization of the training step", _mfu_md),
+    "wsi": ("### 6. Whole slides: pcamx.wsi beside the per-tile script (CPU)", render_wsi),
 }
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
-    meta, s = doc["meta"], doc["settings"]
+    meta, s, _loads = doc["meta"], doc["settings"], lambda loads: " / ".join(f"{v:.2f}" for v in loads)
     out = [f"## pcamx bench: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, {meta['threads']} "
            f"threads, {s['model']} at {s['resolution']} px", "",
            f"{meta['started']}, commit {meta['commit']}. Median of {s['repeats']} repeats (pcamx.runtime.timing); "
            f"'timed iters' = calls after warm-up, total (per repeat). pcamx precision {s['precision']}; reference "
-           f"DataLoader workers: {s['workers']}. Load average at start/end: {meta['loadavg_start']} / "
-           f"{meta['loadavg_end']}. Total {meta['total_s']:.0f} s."]
+           f"DataLoader workers: {s['workers']}. Load average (1/5/15 min) at start: {_loads(meta['loadavg_start'])}, "
+           f"at the end: {_loads(meta['loadavg_end'])}. Total {meta['total_s']:.0f} s."]
     for name, (title, render) in SECTION_RENDERERS.items():
         sec = doc["sections"].get(name) or {"skipped": "not run"}
         problem = f"error: {sec['error']}" if "error" in sec else f"skipped: {sec['skipped']}" if "skipped" in sec \
             else None
         out += ["", title, *([problem] if problem else render(sec))]
-    rows = [[t["name"], t["description"], _n(t["value"]), f"≥ {t['threshold']:g}", t["status"]]
+    rows = [[t["name"], t["description"], _n(t["value"]), f"{'≤' if t['at_most'] else '≥'} {t['threshold']:g}",
+             t["status"]]
             for t in doc["targets"]]
     out += ["", "### Targets", *_table(["target", "what", "value", "threshold", "status"], rows)]
     out += [f"\n{t['name']}: " + ", ".join(f"{k} {_n(v)}" for k, v in t["detail"].items())

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.reference import PREFETCH_FACTOR, ReferencePCamDataset, reference_loader, reference_step, reference_tta
+from benchmarks.wsi import section_wsi
 from pcamx.compress.budget import compress_to_budget
 from pcamx.compress.chain import plan_from_config, run_plan
 from pcamx.compress.quant import quantize
@@ -54,7 +55,6 @@ class Bench:
     """Settings, the reference protocol's config, and the in-memory splits every section shares."""
 
     def __init__(self, settings: SimpleNamespace, root: Path):
-        """`settings`: what benchmarks.cli.resolve_settings resolved (each field is described there)."""
         self.s, self.root = settings, root
         # The reference protocol (jitter, label smoothing, clipping, τ per step), as `python run.py` composes it.
         self.protocol = compose("experiment=repro_compress")
@@ -313,4 +313,4 @@ def section_mfu(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[[Bench, dict[str, Any]], dict[str, Any]]] = {
     "pipeline": section_pipeline, "eval": section_eval, "train": section_train, "compress": section_compress,
-    "mfu": section_mfu}
+    "mfu": section_mfu, "wsi": section_wsi}

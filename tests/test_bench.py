@@ -50,7 +50,7 @@ def bench(tmp_path_factory) -> dict:
 
 def test_every_section_present(bench):
     sections = bench["sections"]
-    assert set(sections) == set(SECTIONS) == {"pipeline", "eval", "train", "compress", "mfu"}
+    assert set(sections) == set(SECTIONS) == {"pipeline", "eval", "train", "compress", "mfu", "wsi"}
     assert sections["mfu"] == {"skipped": "no CUDA", "section_s": sections["mfu"]["section_s"]}
     assert bench["meta"]["device"] == "cpu" and bench["meta"]["torch"] and bench["meta"]["threads"] == 1
     s = bench["settings"]
@@ -125,14 +125,21 @@ def test_compress_figures(bench):
 def test_targets_reported(bench):
     targets = {t["name"]: t for t in bench["targets"]}
     assert set(targets) == {"host_side", "cpu_end_to_end", "gpu_eval_tta", "gpu_training", "pipeline_vs_training",
-                            "host_vs_training", "gpu_training_mfu"}
-    # On a CPU run exactly the GPU targets are n/a, saying why; every other one has a value and a verdict.
+                            "host_vs_training", "gpu_training_mfu", "wsi_batched", "wsi_reading", "wsi_peak_rss_gb"}
+    # On a CPU run exactly the GPU targets are n/a, saying why (and the memory one on --quick's small slide); every
+    # other one has a value and a verdict.
     not_applicable = {name: t["status"] for name, t in targets.items() if t["status"].startswith("n/a")}
-    assert not_applicable == dict.fromkeys(("gpu_eval_tta", "gpu_training", "gpu_training_mfu"), "n/a (GPU target)")
+    assert not_applicable == dict.fromkeys(("gpu_eval_tta", "gpu_training", "gpu_training_mfu"),
+                                           "n/a (GPU target)") | {"wsi_peak_rss_gb": "n/a (--quick slide)"}
     for name, t in targets.items():
         if name not in not_applicable:
             assert _positive(t["value"]), t
             assert t["status"] == ("met" if t["value"] >= t["threshold"] else "not met"), t
+    wsi = bench["sections"]["wsi"]
+    assert targets["wsi_batched"]["value"] == wsi["views_1"]["ratio"] == pytest.approx(
+        wsi["views_1"]["pcamx_tiles_per_s"] / wsi["views_1"]["per_tile"]["tiles_per_s"])
+    assert targets["wsi_reading"]["value"] == pytest.approx(
+        wsi["reading"]["reading_tiles_per_s"] / wsi["reading"]["model_tiles_per_s"])
 
     sections = bench["sections"]
     train, pipeline = sections["train"], sections["pipeline"]
@@ -143,6 +150,21 @@ def test_targets_reported(bench):
     assert targets["host_side"]["value"] == pytest.approx(pipeline["host"]["ratio"])
     ratios = [sections["eval"]["comparisons"]["8 views, fp32"]["ratio"], *(train[m]["eager"]["ratio"] for m in METHODS)]
     assert targets["cpu_end_to_end"]["value"] == pytest.approx(min(ratios))
+
+
+def test_wsi_section(bench):
+    """pcamx.wsi beside the per-tile script at 1 view and at the demo model's views, reading beside the model, and
+    the peak memory of a run on a bigger slide (its tile counts from pcamx.wsi's own slide.json)."""
+    wsi = bench["sections"]["wsi"]
+    views = wsi["settings"]["tta_views"]
+    assert views == compose("experiment=demo").eval.tta_views and wsi["tissue_tiles"] > 0
+    assert {k for k in wsi if k.startswith("views_")} == {"views_1", f"views_{views}"}
+    for key in ("views_1", f"views_{views}"):
+        assert _positive(wsi[key]["pcamx_tiles_per_s"]) and _positive(wsi[key]["per_tile"]["tiles_per_s"])
+    assert wsi["reading"]["views"] == views and _positive(wsi["reading"]["reading_tiles_per_s"])
+    big = wsi["big"]
+    assert big["size"] == 4096 and 0 < big["peak_rss_gb"] < 24 and big["tiles"]["total"] == (4096 // 96) ** 2
+    assert 0 < big["tiles"]["scored"] < big["tiles"]["total"]  # glass around the tissue is not scored
 
 
 def test_targets_status_rules():
@@ -160,13 +182,17 @@ def test_targets_status_rules():
     cuda = {t["name"]: t["status"] for t in evaluate_targets(sections, "cuda")}
     assert cuda["cpu_end_to_end"] == "n/a (CPU-device target)" and cuda["gpu_training"] == "not met"
     assert cuda["gpu_eval_tta"] == cuda["gpu_training_mfu"] == "n/a (section not run or failed)"
+    # Memory is a ceiling: over it is `not met`, under it `met`; a small (--quick) slide is no measure of it.
+    for size, gb, status in ((50_000, 2.5, "not met"), (50_000, 1.9, "met"), (4096, 1.0, "n/a (--quick slide)")):
+        slides = {"wsi": {"big": {"size": size, "peak_rss_gb": gb}}}
+        assert {t["name"]: t["status"] for t in evaluate_targets(slides, "cpu")}["wsi_peak_rss_gb"] == status
 
 
 def test_markdown(bench):
     text = render_markdown(bench)
     assert text.startswith("## pcamx bench: cpu (") and "tiny at 32 px" in text
     for title in ("### 1. Input pipeline", "### 2. Evaluation with TTA", "### 3. Training step",
-                  "### 4. Compressed models", "### 5. Model FLOPs utilization", "### Targets"):
+                  "### 4. Compressed models", "### 5. Model FLOPs utilization", "### 6. Whole slides", "### Targets"):
         assert title in text
     assert "| host side, train |" in text and "| fullft compiled | skipped: --quick |" in text
     assert "Same probabilities: max |Δp|" in text and ": pass;" in text and "skipped: no CUDA" in text

@@ -392,7 +392,7 @@ def test_a_full_disk_names_the_directory_and_the_bytes_needed(tmp_path: Path, mo
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470")
 
-    monkeypatch.setattr(disk.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     with pytest.raises(disk.DiskFullError) as err:
         disk.torch_save({"w": torch.zeros(1000)}, tmp_path / "best.pt")
     assert err.value.errno == errno.ENOSPC
