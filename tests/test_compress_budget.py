@@ -99,6 +99,26 @@ def test_taylor_scores_equal_a_hand_computation_and_leave_the_model_as_it_was() 
         torch.testing.assert_close(mlp[f"backbone.model.layer.{i}.mlp"], by_hand, rtol=1e-9, atol=0)
 
 
+def test_taylor_keeps_the_gradients_a_model_already_had() -> None:
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
+    fresh = taylor(copy.deepcopy(model), MLP, batches)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = {name: p.grad for name, p in model.named_parameters()}
+    scores = taylor(model, MLP, batches)
+    assert all(p.grad is before[name] and bool((p.grad == 0.5).all()) for name, p in model.named_parameters())
+    for name, s in scores.items():  # the scores start from zero gradients, not from the ones the model had
+        torch.testing.assert_close(s, fresh[name], rtol=0, atol=0)
+
+
+def test_scoring_needs_a_kind_that_says_where_its_units_are() -> None:
+    from dataclasses import replace
+
+    for criterion in (activation, taylor):
+        with pytest.raises(ValueError, match="cannot be scored"):
+            criterion(tiny_model(), replace(MLP, width=None), calibration())
+
+
 def test_taylor_without_labels_uses_the_models_own_predictions() -> None:
     model, batches = tiny_model(std=VISIBLE_STD), calibration()
     own = [(x, logits(model, x).argmax(1)) for x, _ in batches]
@@ -167,6 +187,16 @@ def test_removing_a_block_equals_running_the_remaining_blocks() -> None:
     keep_blocks(backbone.model, [1])
     assert len(backbone.model.layer) == 1
     assert torch.equal(logits(model, x), by_hand)
+
+
+@pytest.mark.parametrize("blocks", [[0, 0], [LAYERS], [-1], []])
+def test_keep_blocks_refuses_repeated_or_missing_positions(blocks: list[int]) -> None:
+    encoder = tiny_model().backbone.model
+    with pytest.raises(ValueError, match="block"):
+        keep_blocks(encoder, blocks)
+    assert len(encoder.layer) == LAYERS  # nothing was removed
+    keep_blocks(encoder, [LAYERS - 1, 0])  # any order given, kept in model order
+    assert len(encoder.layer) == 2
 
 
 def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> None:

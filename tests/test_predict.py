@@ -271,7 +271,10 @@ def test_tiles_with_overlap_are_the_image_windows() -> None:
     image = rng.integers(0, 256, (130, 200, 3), dtype=np.uint8)
     grid = TileGrid(130, 200, tile=64, stride=48)
     assert grid.shape == (2, 3) and len(grid) == 6
-    got = torch.cat([b.images for b in tile_batches(Image.fromarray(image), grid, 4, "r")]).numpy()
+    batches = list(tile_batches(Image.fromarray(image), grid, 4, "r"))
+    assert [b.images.dtype for b in batches] == [torch.uint8] * 2  # uint8 until the device
+    assert [b.indices for b in batches] == [[0, 1, 2, 3], [4, 5]] and batches[0].sources == ["r"] * 4
+    got = torch.cat([b.images for b in batches]).numpy()
     assert len(got) == len(grid)  # batches of 4 that run across rows of tiles
     for i in range(len(grid)):
         y, x = grid.origin(i)

@@ -102,11 +102,11 @@ def taylor(model: nn.Module, kind: UnitKind, batches: Sequence[CalibBatch] | Non
             entries += [(w, 0)] + ([(b, 0)] if b is not None else [])
         entries += [(_columns(layer), 1) for layer in kind.consumers(module)]
         owned[name] = entries
-    params = {id(p): p for entries in owned.values() for p, _ in entries}.values()
-    was = {id(p): (p.requires_grad, p.grad) for p in params}
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
+    scored = {id(p) for entries in owned.values() for p, _ in entries}
+    was = {id(p): (p.requires_grad, p.grad) for p in model.parameters()}
+    for p in model.parameters():  # gradients of the scored weights only, from zero; the others' stay as they were
+        p.requires_grad_(id(p) in scored)
+        p.grad = None if id(p) in scored else p.grad
     was_training = model.training
     model.eval()
     try:
@@ -125,10 +125,9 @@ def taylor(model: nn.Module, kind: UnitKind, batches: Sequence[CalibBatch] | Non
             scores[name] = total
     finally:
         model.train(was_training)
-        for p in params:
-            requires_grad, grad = was[id(p)]
-            p.requires_grad_(requires_grad)
-            p.grad = grad
+        for p in model.parameters():
+            p.requires_grad_(was[id(p)][0])
+            p.grad = was[id(p)][1]
     return scores
 
 
