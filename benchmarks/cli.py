@@ -111,6 +111,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     if unknown := sorted(set(wanted) - set(SECTIONS)):
         raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    try:  # the bench extra: torchvision backs the reference pipeline, tifffile writes section 6's slides
+        __import__("torchvision"), __import__("tifffile")
+    except ImportError as err:
+        raise SystemExit(f"{err.name} is missing: python -m benchmarks needs pcamx's bench extra, "
+                         "pip install -e '.[bench]' (make bench installs it)") from None
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:

@@ -33,14 +33,12 @@ from pcamx.training.methods import METHODS, apply_method
 from pcamx.training.optim import build_optimizer
 
 EQUIVALENCE_ATOL, SPREAD_IMAGES = 1e-4, 16
-# Section 4's budgets (prune keys over the reference plan): at most a fraction of the uncompressed GFLOPs, every
-# step with one τ, units ranked across blocks, scored by the weights or by activations; and whole-block removal.
-# --quick runs the 0.75 ones only (the searches are the section's slowest part).
+# Section 4's budgets (prune keys over the reference plan): at most a fraction of the GFLOPs, one τ for every step,
+# units ranked across blocks by weights or activations; whole blocks. --quick: the 0.75 ones (searches are slow).
 BUDGETS = {f"all_r{r:g}_{c}": {"method": "all", "criterion": c, "scope": "global", "target_ratio": r}
            for r in (0.75, 0.5) for c in ("weight", "activation")} | {
     "blocks_r0.75": {"method": "blocks", "target_ratio": 0.75}}
-# Calibration smaller than a run's (prune.calib_batches training batches): a budget search scores the model again
-# in every trial, and 4 batches of 16 would add minutes per search on a CPU.
+# Smaller than a run's calibration: a budget search scores the model in every trial (4 × 16: minutes on a CPU).
 CALIB_BATCHES, CALIB_BATCH_SIZE = 2, 4
 
 
@@ -142,9 +140,8 @@ def section_pipeline(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def tta_equivalence(b: Bench, model: PCamClassifier, views: int, n: int = 8) -> dict[str, Any]:
-    """pcamx's batched TTA vs the reference loop (processor per sample, a forward per view), fp32, on `n` test
-    patches. First the head is rescaled and shifted so that the logit margin over a few patches has mean 0 and std
-    1: a random model's P(tumour) sits near 0 or 1, where softmax would hide every difference between the views."""
+    """pcamx's batched TTA vs the reference loop, fp32, on `n` test patches. The head is first rescaled so that the
+    logit margin has mean 0 and std 1: a random model's P(tumour) near 0 or 1 would hide every difference."""
     images = b.splits["test"].images
     margin = model(preprocess(images[:SPREAD_IMAGES], b.s.resolution)).diff(dim=-1).squeeze(-1)
     mean, std = float(margin.mean()), max(float(margin.std()), 1e-6)
@@ -188,8 +185,7 @@ def section_eval(b: Bench, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_figure(b: Bench, method: str, pipeline: str) -> dict[str, Any]:
-    """pipeline: eager | compiled | reference; the method set up with pcamx's defaults for it, the loss and
-    clipping of the reference protocol on both sides."""
+    """pipeline: eager | compiled | reference; the method with pcamx's defaults, the protocol's loss and clipping."""
     s, device, protocol = b.s, b.s.device, b.protocol.train
     torch._dynamo.reset()  # an earlier figure's compiled graphs (and what they hold) go first
     if device.type == "cuda":

@@ -6,6 +6,7 @@ the demo recipe's (`experiment=demo`) after a few steps: speed and memory do not
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -54,12 +55,10 @@ def write_slide(path: Path, size: int, tissue: float, seed: int = 0) -> Path:
     def tiles(level: int, side: int):
         d, cell = 1 << level, PATCH >> level
         patches = flat if d == 1 else np.stack([np.asarray(Image.fromarray(p).reduce(d)) for p in flat])
-        for top in range(0, side, TIFF_TILE):
-            ys = np.arange(top, top + TIFF_TILE)
-            for left in range(0, side, TIFF_TILE):
-                xs = np.arange(left, left + TIFF_TILE)
-                cy, cx = np.minimum(ys // cell, n - 1), np.minimum(xs // cell, n - 1)
-                yield patches[ids[np.ix_(cy, cx)], (ys % cell)[:, None], (xs % cell)[None, :]]
+        for top, left in itertools.product(range(0, side, TIFF_TILE), repeat=2):  # row by row, as TIFF stores them
+            ys, xs = np.arange(top, top + TIFF_TILE), np.arange(left, left + TIFF_TILE)
+            cy, cx = np.minimum(ys // cell, n - 1), np.minimum(xs // cell, n - 1)
+            yield patches[ids[np.ix_(cy, cx)], (ys % cell)[:, None], (xs % cell)[None, :]]
 
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for level in range(LEVELS):

@@ -425,14 +425,15 @@ def test_results_are_readable_as_the_umask_allows_and_stale_temps_are_removed(sm
 
 @pytest.mark.slow
 def test_bench_imports_and_explains_without_torchvision() -> None:
-    code = ("import sys; sys.modules['torchvision'] = None\n"
-            "from benchmarks.cli import build_parser\n"
-            "assert build_parser().parse_args(['--quick']).quick\n"
-            "from benchmarks.reference import reference_augmentation\n"
-            "try:\n    reference_augmentation()\nexcept ImportError as err:\n    print(err)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "pip install -e '.[bench]'" in proc.stdout
+    for missing in ("torchvision", "tifffile"):
+        code = (f"import sys; sys.modules['{missing}'] = None\n"
+                "from benchmarks.cli import build_parser, main\n"
+                "assert build_parser().parse_args(['--quick']).quick\n"
+                "main(['--quick', '--out', 'never-written.json'])\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{missing} is missing" in proc.stderr and "pip install -e '.[bench]'" in proc.stderr
+        assert not (REPO / "never-written.json").exists()
 
 
 # ---------------------------------------------------------------- a sweep job lost to SIGKILL
