@@ -4,6 +4,7 @@ removal, budgets, and that every variant reloads exactly."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -199,6 +200,31 @@ def test_keep_blocks_refuses_repeated_or_missing_positions(blocks: list[int]) ->
     assert len(encoder.layer) == 2
 
 
+def test_blocks_removed_twice_still_name_their_original_positions() -> None:
+    from pcamx.compress.blocks import kept_blocks
+
+    encoder = tiny_model(num_hidden_layers=4).backbone.model
+    assert kept_blocks(encoder) == [0, 1, 2, 3]
+    third = encoder.layer[2]
+    keep_blocks(encoder, [0, 2, 3])
+    keep_blocks(encoder, [1, 2])  # positions in the encoder as it is now: its blocks 2 and 3
+    assert kept_blocks(encoder) == [2, 3] and encoder.layer[0] is third
+
+
+@pytest.mark.parametrize("shape, message", [({"backbone.model.layer.9.mlp": 3}, "no mlp groups named"),
+                                            ({"backbone.model.layer.0.mlp": 0}, "0 mlp units"),
+                                            ({"backbone.model.layer.0.mlp": WIDTH + 1}, f"{WIDTH + 1} mlp units")])
+def test_a_recorded_shape_the_architecture_cannot_take_is_refused(shape, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        MLP.reshape(tiny_model(), shape)
+
+
+def test_a_recorded_shape_of_one_unit_per_group_is_rebuilt() -> None:
+    model = tiny_model()
+    MLP.reshape(model, {"backbone.model.layer.0.mlp": 1, "backbone.model.layer.1.mlp": WIDTH})
+    assert [layer.mlp.up_proj.out_features for layer in layers(model)] == [1, WIDTH]
+
+
 def test_blocks_step_removes_the_least_changing_block_and_reloads(tmp_path) -> None:
     model, batches = tiny_model(std=VISIBLE_STD), calibration()
     scores = unit_scores(model, BLOCKS, "weight", batches)["backbone.model"]
@@ -243,6 +269,66 @@ def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
         trial = copy.deepcopy(model)
         run_plan(trial, prune_plan("mlp", larger))
         assert count_params(trial) > limit or unit_count(trial, p) == unit_count(compressed, p)
+
+
+def test_budget_search_bisects_until_one_unit_or_tau_resolution_and_counts_its_trials(monkeypatch) -> None:
+    """Every trial recorded: τ = 1, then the floor, then midpoints of the interval still open; the search stops
+    at the first trial after which at most one unit separates the kept model from the smallest rejected one."""
+    from pcamx.compress import budget as budget_module
+
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
+    full, per_neuron = count_params(model), 2 * HIDDEN + 1
+    limit = full - 40 * per_neuron - 7
+    p = prune_plan("mlp", target_params=limit, criterion="activation", calib_batches=2)
+    trials: list[tuple[float, int, int]] = []  # (τ, params, units) of every compressed candidate
+
+    def recording_run_plan(candidate, plan, calibration):
+        assert calibration is batches  # the caller's calibration reaches every trial
+        report = run_plan(candidate, plan, calibration)
+        trials.append((plan.tau["mlp"], count_params(candidate), unit_count(candidate, p)))
+        return report
+
+    monkeypatch.setattr(budget_module, "run_plan", recording_run_plan)
+    _, _, found = compress_to_budget(model, p, params_only, batches)
+    assert found["search_trials"] == len(trials) and trials[0][0] == 1.0 and trials[1][0] == budget_module.TAU_FLOOR
+    assert found["limit"] == {"params": limit}
+    assert found["achieved"]["params_ratio"] == round(found["achieved"]["params"] / full, 6)
+    lo, hi, hi_units, kept_units = trials[1][0], 1.0, unit_count(model, p), trials[1][2]
+    for i, (tau, params, units) in enumerate(trials[2:]):
+        # each trial was needed: the interval was still open when it was made
+        assert hi - lo > budget_module.TAU_RESOLUTION and hi_units - kept_units > 1, i
+        assert tau == (lo + hi) / 2
+        lo, kept_units = (tau, units) if params <= limit else (lo, kept_units)
+        hi, hi_units = (hi, hi_units) if params <= limit else (tau, units)
+    assert not (hi - lo > budget_module.TAU_RESOLUTION and hi_units - kept_units > 1)  # and then it stopped
+    assert found["tau"] == {"mlp": lo} and len(trials) > 4
+
+
+@pytest.mark.parametrize("method, tau, keys", [
+    ("all", 0.8, dict(criterion="activation", scope="global", calib_batches=3, svd_targets=["q_proj", "v_proj"])),
+    ("mlp", None, dict(target_ratio=0.5)),
+    ("heads", {"heads": 0.9}, dict(target_params=1e5, criterion="taylor", calib_batches=1)),
+])
+def test_metrics_json_prune_record_rebuilds_the_plan(method, tau, keys) -> None:
+    """A run's `prune` block says everything the plan was: the plan rebuilt from it alone is the same plan."""
+    from pcamx.compress.chain import plan
+
+    original = prune_plan(method, tau, **keys)
+    record = json.loads(json.dumps(original.describe()))  # as metrics.json stores it
+    rebuilt = plan("all", None if record["budget"] else record["tau"], order=record["steps"],
+                   svd_targets=record["svd_targets"], criterion=record["criterion"], scope=record["scope"],
+                   calib_batches=record["calib_batches"], **(record["budget"] or {}))
+    assert rebuilt == original
+
+
+def test_compress_hands_its_calibration_to_the_steps() -> None:
+    from pcamx.compress.chain import compress
+
+    model, batches = tiny_model(std=VISIBLE_STD), calibration()
+    expected = copy.deepcopy(model)
+    run_plan(expected, prune_plan("mlp", 0.5, criterion="activation", calib_batches=len(batches)), batches)
+    compress(model, "mlp", 0.5, batches, criterion="activation")
+    assert count_params(model) < count_params(tiny_model()) and torch.equal(logits(model), logits(expected))
 
 
 def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing() -> None:
