@@ -210,9 +210,9 @@ def test_failed_job_is_reported_and_fails_the_command(small_pcam: Path, tmp_path
     rows = read_csv(sweep / "summary.csv")
     assert [(r["job"], r["status"], r["override.eval.tta_views"]) for r in rows] == [
         ("0", "ok", "8"), ("1", "failed", "4")]
-    assert "eval.tta_views must be one of" in rows[1]["error"]
+    assert "eval.tta_views=4 is out of range: it must be one of 1, 6, 8" in rows[1]["error"]
     md = {row[0]: row for row in md_rows(sweep / "summary.md")}
-    assert md["0"][-1] == "ok" and md["1"][-1].startswith("failed: ValueError: eval.tta_views")
+    assert md["0"][-1] == "ok" and md["1"][-1].startswith("failed: ConfigError: eval.tta_views")
     assert (sweep / "roc.png").read_bytes().startswith(PNG_MAGIC)
 
 
