@@ -486,3 +486,14 @@ def test_predict_on_cuda_equals_the_cpu(tiny_run: Path, test_patches: np.ndarray
                          "--out", str(tmp_path / f"{device}.csv")]) == 0
         probs[device] = [float(r["prob"]) for r in _read_csv(tmp_path / f"{device}.csv")]
     np.testing.assert_allclose(probs["cuda"], probs["cpu"], atol=1e-4)
+
+
+def test_the_operating_points_record_as_metrics_json_and_checkpoints_store_it() -> None:
+    from pcamx.evaluation.operating_points import operating_points
+
+    settings = {"resolution": 96, "tta_views": 8, "precision": "fp32", "quant": "none"}
+    record = operating_points({"0.5": 0.5, "val95spec": 0.78}, settings, n=1024)
+    assert record == {"thresholds": {"0.5": 0.5, "val95spec": 0.78}, "split": "valid", "n": 1024,
+                      "measured_with": settings}
+    assert operating_points({"0.5": 0.5}, settings, split="test") == {
+        "thresholds": {"0.5": 0.5}, "split": "test", "measured_with": settings}  # no patch count given, none stored

@@ -305,3 +305,52 @@ def test_mean_sd_of_one_two_or_no_numbers_and_intervals_only_of_two_numbers() ->
     assert format_mean_sd("auroc", [None, "n/a"]) == "—"
     assert format_interval("auroc", [0.1, 0.2]) == "[0.1000, 0.2000]"
     assert format_interval("auroc", [0.1]) == format_interval("auroc", (0.1, "x")) == "—"
+
+
+DEMO_METRICS = {  # a `make demo` run's metrics.json (the parts the table shows), and the table it printed
+    "auroc": 0.96112, "auprc": 0.95518, "sens_at_95spec": 0.92531, "ece": 0.01487, "brier": 0.05224, "acc": 0.93848,
+    "nll": 0.20418, "ci_method": "slide", "ci_slides": 32,
+    "ci95": {"auroc": [0.94629, 0.97501], "auprc": [0.93714, 0.97191], "sens_at_95spec": [0.86903, 0.95591],
+             "ece": [0.01291, 0.03118], "brier": [0.04021, 0.06421], "acc": [0.92188, 0.95507],
+             "nll": [0.16431, 0.24557]},
+    "params": 250050, "gflops": 0.0199, "memory_mb": 1.028, "latency_ms_b1": 7.6985, "throughput_ips": 838.08,
+    "n_test": 1024, "tta_views": 8, "resolution": 96, "train_precision": "fp32", "eval_precision": "fp32",
+    "data": "synthetic", "operating_points": {"thresholds": {"0.5": 0.5, "val95spec": 0.7821706}},
+    "sens_at_val95spec_threshold": 0.89394, "spec_at_val95spec_threshold": 0.96312}
+DEMO_TABLE = """\
+| metric | value | 95% interval (32 slides resampled) |
+| --- | --- | --- |
+| AUROC | 0.9611 | [0.9463, 0.9750] |
+| AUPRC | 0.9552 | [0.9371, 0.9719] |
+| Sens @95%Spec | 0.9253 | [0.8690, 0.9559] |
+| ECE | 0.0149 | [0.0129, 0.0312] |
+| Brier | 0.0522 | [0.0402, 0.0642] |
+| Acc | 0.9385 | [0.9219, 0.9551] |
+| NLL | 0.2042 | [0.1643, 0.2456] |
+| params | 0.25M | |
+| gflops | 0.02 | |
+| memory_mb | 1.0 | |
+| latency_ms_b1 | 7.6985 | |
+| throughput_ips | 838.08 | |
+| n_test | 1024 | |
+| tta_views | 8 | |
+| resolution | 96 | |
+| train_precision | fp32 | |
+| eval_precision | fp32 | |
+| data | synthetic | |
+| Sens / Spec at the val95spec threshold (chosen on valid) | 0.8939 / 0.9631 | p >= 0.7822 |"""
+
+
+def test_the_end_of_run_table_is_the_one_make_demo_prints() -> None:
+    from pcamx.report.format import format_table
+
+    assert format_table(DEMO_METRICS) == DEMO_TABLE
+    # Intervals over patches, none at all, and a fitted temperature.
+    patch = format_table({**DEMO_METRICS, "ci_method": "patch"}).splitlines()
+    assert patch[0] == "| metric | value | 95% interval (patches resampled) |"
+    bare = {k: v for k, v in DEMO_METRICS.items() if k not in ("ci95", "ci_method", "operating_points")}
+    lines = format_table({**bare, "calibration": {"temperature": 1.23456, "before": {"ece": 0.04, "nll": 0.3},
+                                                   "after": {"ece": 0.01234, "nll": 0.25}}}).splitlines()
+    assert lines[0] == "| metric | value | 95% interval (none) |" and lines[2] == "| AUROC | 0.9611 | — |"
+    assert lines[-1] == "| temperature (fitted on valid) | 1.235 | ECE 0.0400 → 0.0123, NLL 0.3000 → 0.2500 |"
+    assert not any(line.startswith("| Sens / Spec") for line in lines)
