@@ -115,9 +115,10 @@ def test_taylor_keeps_the_gradients_a_model_already_had() -> None:
 def test_scoring_needs_a_kind_that_says_where_its_units_are() -> None:
     from dataclasses import replace
 
-    for criterion in (activation, taylor):
-        with pytest.raises(ValueError, match="cannot be scored"):
-            criterion(tiny_model(), replace(MLP, width=None), calibration())
+    for criterion, name in ((activation, "activation"), (taylor, "taylor")):
+        for missing in ("consumers", "producers", "width"):
+            with pytest.raises(ValueError, match=f"cannot be scored by {name}$"):
+                criterion(tiny_model(), replace(MLP, **{missing: None}), calibration())
 
 
 def test_taylor_without_labels_uses_the_models_own_predictions() -> None:

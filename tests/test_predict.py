@@ -104,8 +104,10 @@ def test_resolve_threshold_names_numbers_and_errors() -> None:
     assert resolve_threshold("0.5", None) == 0.5
     assert resolve_threshold("0.3", None) == 0.3
     assert resolve_threshold("0", None) == 0.0 and resolve_threshold("1", None) == 1.0  # both ends allowed
-    with pytest.raises(ValueError, match="youden.*--threshold 0.5"):
+    with pytest.raises(ValueError, match="^old.pt stores no 'youden'.*--threshold 0.5"):
         resolve_threshold("youden", None, where="old.pt")
+    with pytest.raises(ValueError, match="^the checkpoint stores no 'val95spec'"):  # said of no file in particular
+        resolve_threshold("val95spec", {"thresholds": {"youden": 0.42}})
     with pytest.raises(ValueError, match="one of 0.5, youden, val95spec"):
         resolve_threshold("yuoden", points)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

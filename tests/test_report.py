@@ -289,6 +289,7 @@ def test_quantization_labels_and_plain_values() -> None:
     assert quantization_label("none", "bf16-autocast") == "none (bf16 autocast)"
     assert quantization_label("int8", "int8-dynamic") == "int8 (dynamic)"
     assert quantization_label("bf16", "bf16") == "bf16"
+    assert quantization_label("int8", None) == "int8"  # a run that never evaluated: what its config asked for
     assert format_value("latency_ms_b1", 1.5) == "1.5" and format_value("n_test", 128) == "128"
     assert format_value("gflops", 0.1) == "0.10" and format_value("gflops", 0.0012) == "0.0012"
     assert format_value("gflops", 0.0) == "0.00" and format_value("memory_mb", 1.0) == "1.0"
