@@ -14,7 +14,7 @@ from conftest import HEAD_DIM, HIDDEN, LAYERS, VISIBLE_STD, WIDTH, images, layer
 from conftest import HEADS as N_HEADS
 from pcamx.compress.blocks import BLOCKS, block_change, keep_blocks
 from pcamx.compress.budget import compress_to_budget, unit_count
-from pcamx.compress.chain import run_plan
+from pcamx.compress.chain import Budget, run_plan
 from pcamx.compress.heads import HEADS
 from pcamx.compress.importance import activation, taylor, unit_scores
 from pcamx.compress.mlp import MLP
@@ -354,14 +354,29 @@ def test_an_unreachable_budget_fails_with_the_smallest_reachable_cost() -> None:
         compress_to_budget(tiny_model(std=VISIBLE_STD), prune_plan("heads", target_params=1000), params_only)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(target_ratio=0.5, target_params=10), "give one budget"),
-    (dict(target_ratio=1.5), r"in \(0, 1\]"),
-    (dict(target_gflops=-1), "positive number"),
+@pytest.mark.parametrize("method, tau, kwargs, message", [
+    ("all", None, dict(target_ratio=0.5, target_params=10), "give one budget"),
+    ("all", None, dict(target_ratio=1.5), r"^prune.target_ratio is the fraction .* in \(0, 1\]; got 1.5$"),
+    ("all", None, dict(target_gflops=-1), r"^prune.target_gflops must be a positive number, got -1$"),
+    ("all", None, dict(target_params=0), r"^prune.target_params must be a positive number, got 0$"),
+    ("all", None, dict(target_params=True), "positive number, got True$"),
+    ("all", None, dict(target_gflops="2"), "positive number, got '2'$"),
+    ("heads", 1.5, {}, r"^prune.tau must be a number in"),
+    ("heads", 0.5, dict(calib_batches=-1), r"^prune.calib_batches must be a whole number >= 0, got -1$"),
+    ("heads", 0.5, dict(calib_batches=1.5), "whole number >= 0, got 1.5$"),
+    ("heads", 0.5, dict(criterion="taylor", calib_batches=0), r"^prune.criterion=taylor scores units on training"),
+    ("blocks", 0.5, dict(calib_batches=0), r"^the blocks step scores units on training batches"),
 ])
-def test_bad_budgets_are_named(kwargs, message) -> None:
+def test_bad_compression_arguments_are_named(method, tau, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
-        prune_plan("all", **kwargs)
+        prune_plan(method, tau, **kwargs)
+
+
+def test_plan_keeps_what_it_was_given_and_nothing_else() -> None:
+    assert prune_plan("all", target_ratio=1).budget == Budget("target_ratio", 1.0)  # (0, 1]: 1 is allowed
+    assert prune_plan("all", target_gflops=2).budget == Budget("target_gflops", 2.0)
+    assert prune_plan("heads", 0.5, svd_targets="all").svd_targets == ()  # targets only for a plan with SVD
+    assert prune_plan("heads", 0.5, calib_batches=0).calib_batches == 0  # the weight criterion reads no batches
 
 
 def test_a_layer_factorized_counts_fewer_units_than_the_dense_one() -> None:
