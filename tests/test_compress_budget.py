@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -161,6 +162,16 @@ def test_global_scope_prunes_the_low_energy_block_harder() -> None:
     assert report[1]["after"] < report[0]["after"] and report[1]["after"] >= 1
     per_layer = prune_units(copy.deepcopy(model), HEADS, 0.8, scope="layer")
     assert per_layer[1]["after"] > report[1]["after"]
+    # prune.scope reaches the step when it runs from a plan
+    assert run_plan(copy.deepcopy(model), prune_plan("heads", 0.8, scope="global"))["heads"] == report
+
+
+def test_scores_must_cover_every_group() -> None:
+    model = tiny_model()
+    scores = {name: torch.ones(N_HEADS, dtype=torch.float64) for name, _ in HEADS.groups(model)}
+    missing = scores.popitem()[0]
+    with pytest.raises(ValueError, match=rf"^no heads scores for \['{re.escape(missing)}'\]$"):
+        prune_units(model, HEADS, 0.8, scores, "layer")
 
 
 @pytest.mark.parametrize("criterion", ["weight", "activation", "taylor"])
@@ -272,10 +283,16 @@ def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
         assert count_params(trial) > limit or unit_count(trial, p) == unit_count(compressed, p)
 
 
-def test_budget_search_bisects_until_one_unit_or_tau_resolution_and_counts_its_trials(monkeypatch) -> None:
+@pytest.mark.parametrize("resolution", [None, 0.2])  # None: the module's own; 0.2: τ resolution stops it first
+def test_budget_search_bisects_until_one_unit_or_tau_resolution_and_counts_its_trials(monkeypatch,
+                                                                                       resolution) -> None:
     """Every trial recorded: τ = 1, then the floor, then midpoints of the interval still open; the search stops
-    at the first trial after which at most one unit separates the kept model from the smallest rejected one."""
+    at the first trial after which at most one unit separates the kept model from the smallest rejected one,
+    or the τ interval is no wider than TAU_RESOLUTION."""
     from pcamx.compress import budget as budget_module
+
+    if resolution is not None:
+        monkeypatch.setattr(budget_module, "TAU_RESOLUTION", resolution)
 
     model, batches = tiny_model(std=VISIBLE_STD), calibration()
     full, per_neuron = count_params(model), 2 * HIDDEN + 1
@@ -303,6 +320,26 @@ def test_budget_search_bisects_until_one_unit_or_tau_resolution_and_counts_its_t
         hi, hi_units = (hi, hi_units) if params <= limit else (tau, units)
     assert not (hi - lo > budget_module.TAU_RESOLUTION and hi_units - kept_units > 1)  # and then it stopped
     assert found["tau"] == {"mlp": lo} and len(trials) > 4
+    if resolution is not None:
+        assert hi_units - kept_units > 1  # units still apart: the resolution was what stopped it
+
+
+def test_a_model_exactly_at_the_budget_meets_it() -> None:
+    from pcamx.compress.budget import TAU_FLOOR
+
+    model = tiny_model(std=VISIBLE_STD)
+
+    def params_at(tau: float) -> int:
+        trial = copy.deepcopy(model)
+        run_plan(trial, prune_plan("mlp", tau))
+        return count_params(trial)
+
+    floor = params_at(TAU_FLOOR)  # the smallest model the plan can make is within a budget of its own size
+    assert compress_to_budget(model, prune_plan("mlp", target_params=floor), params_only)[2]["achieved"]["params"] \
+        == floor
+    mid = (TAU_FLOOR + 1.0) / 2  # the search's first midpoint, exactly at the limit, is kept
+    found = compress_to_budget(model, prune_plan("mlp", target_params=params_at(mid)), params_only)[2]
+    assert found["tau"]["mlp"] >= mid
 
 
 @pytest.mark.parametrize("method, tau, keys", [

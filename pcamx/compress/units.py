@@ -108,7 +108,7 @@ def validate_scope(scope: str) -> str:
     return scope
 
 
-def allocate(scores: Mapping[str, torch.Tensor], tau: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+def allocate(scores: Mapping[str, torch.Tensor], tau: float, scope: str) -> dict[str, torch.Tensor]:
     """Kept indices per group (ascending). `layer`: each group keeps the fewest units holding a fraction τ
     of its own total score. `global`: the units of all groups are ranked together by their share of the
     model-wide total, the fewest holding τ of it are kept, and a group left empty keeps its best unit."""
