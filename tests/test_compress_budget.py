@@ -261,6 +261,13 @@ def test_every_data_aware_variant_reloads_with_identical_outputs(tmp_path, crite
 # --- budgets ---------------------------------------------------------------------------------------
 
 
+def compressed_copy(model: torch.nn.Module, method: str, tau: float) -> torch.nn.Module:
+    """A copy of `model` compressed by `method` at τ (conf/prune's defaults otherwise); the model is left as it was."""
+    trial = copy.deepcopy(model)
+    run_plan(trial, prune_plan(method, tau))
+    return trial
+
+
 def params_only(model) -> dict[str, float]:
     return {"params": count_params(model), "gflops": 1.0}
 
@@ -278,8 +285,7 @@ def test_budget_is_met_within_one_unit_by_the_largest_model() -> None:
     # the largest such model: every larger τ makes a model over the budget
     tau = found["tau"]["mlp"]
     for larger in torch.linspace(tau, 1.0, 50)[1:].tolist():
-        trial = copy.deepcopy(model)
-        run_plan(trial, prune_plan("mlp", larger))
+        trial = compressed_copy(model, "mlp", larger)
         assert count_params(trial) > limit or unit_count(trial, p) == unit_count(compressed, p)
 
 
@@ -328,17 +334,13 @@ def test_a_model_exactly_at_the_budget_meets_it() -> None:
     from pcamx.compress.budget import TAU_FLOOR
 
     model = tiny_model(std=VISIBLE_STD)
-
-    def params_at(tau: float) -> int:
-        trial = copy.deepcopy(model)
-        run_plan(trial, prune_plan("mlp", tau))
-        return count_params(trial)
-
-    floor = params_at(TAU_FLOOR)  # the smallest model the plan can make is within a budget of its own size
+    # the smallest model the plan can make is within a budget of its own size
+    floor = count_params(compressed_copy(model, "mlp", TAU_FLOOR))
     assert compress_to_budget(model, prune_plan("mlp", target_params=floor), params_only)[2]["achieved"]["params"] \
         == floor
     mid = (TAU_FLOOR + 1.0) / 2  # the search's first midpoint, exactly at the limit, is kept
-    found = compress_to_budget(model, prune_plan("mlp", target_params=params_at(mid)), params_only)[2]
+    at_mid = count_params(compressed_copy(model, "mlp", mid))
+    found = compress_to_budget(model, prune_plan("mlp", target_params=at_mid), params_only)[2]
     assert found["tau"]["mlp"] >= mid
 
 
@@ -379,8 +381,7 @@ def test_ratio_budget_uses_the_uncompressed_cost_and_a_loose_one_changes_nothing
     # τ makes a model within the budget
     tau = found["tau"]["heads"]
     for larger in torch.linspace(tau, 1.0, 40)[1:].tolist():
-        trial = copy.deepcopy(model)
-        run_plan(trial, prune_plan("all", larger))
+        trial = compressed_copy(model, "all", larger)
         assert count_params(trial) > 0.75 * full or count_params(trial) == found["achieved"]["params"], larger
     same, report, found = compress_to_budget(model, prune_plan("heads", target_params=full), params_only)
     assert found["tau"] == {"heads": 1.0} and torch.equal(logits(same), logits(model))
